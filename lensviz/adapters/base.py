@@ -1,0 +1,111 @@
+"""The Adapter: per-architecture knowledge as data.
+
+An adapter maps lensviz's canonical parts (embedding, blocks, attention projections, MLP matrices,
+norms, unembedding) to dotted paths in a Hugging Face module tree, plus a few layout flags.
+Capture and lenses read only this description; nothing else in lensviz branches on `model_type`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+Layout = str  # "linear": y = x W^T + b, W [out, in];  "conv1d": y = x W + b, W [in, out]
+
+
+@dataclass(frozen=True)
+class Dims:
+    """Sizes read off a model config."""
+
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_model: int
+    d_head: int
+    d_mlp: int
+    vocab_size: int
+
+
+def _default_d_mlp(config) -> int:
+    return int(config.intermediate_size)
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """How one architecture family is laid out in its HF module tree.
+
+    Model-level paths are relative to the `...ForCausalLM` module; block-level paths are relative to
+    one decoder block. Fused q/k/v projections name `qkv` and a `qkv_split` rule instead of q/k/v.
+    """
+
+    family: str
+    model_types: tuple[str, ...]
+    # model level
+    embed: str
+    blocks: str
+    final_norm: str
+    unembed: str
+    # block level
+    ln1: str
+    attn: str
+    ln2: str
+    mlp: str
+    o_proj: str
+    mlp_in: str
+    mlp_out: str
+    mlp_gate: str | None = None
+    q_proj: str | None = None
+    k_proj: str | None = None
+    v_proj: str | None = None
+    qkv: str | None = None
+    qkv_split: str | None = None  # "concat" (GPT-2: [q | k | v]) or "per_head" (NeoX: per head [q k v])
+    # layout flags
+    weight_layout: Layout = "linear"
+    norm: str = "rmsnorm"  # "rmsnorm" | "layernorm"
+    rotary: bool = True
+    parallel_residual: bool | str = False  # bool, or the name of a boolean config attribute
+    d_mlp: Callable = _default_d_mlp
+    notes: str = ""
+
+    # ----------------------------------------------------------------------------------------------
+    def dims(self, config) -> Dims:
+        n_heads = int(config.num_attention_heads)
+        d_model = int(config.hidden_size)
+        head_dim = getattr(config, "head_dim", None) or d_model // n_heads
+        n_kv = getattr(config, "num_key_value_heads", None) or n_heads
+        return Dims(
+            n_layers=int(config.num_hidden_layers),
+            n_heads=n_heads,
+            n_kv_heads=int(n_kv),
+            d_model=d_model,
+            d_head=int(head_dim),
+            d_mlp=int(self.d_mlp(config)),
+            vocab_size=int(config.vocab_size),
+        )
+
+    def is_parallel(self, config) -> bool:
+        if isinstance(self.parallel_residual, str):
+            return bool(getattr(config, self.parallel_residual, False))
+        return bool(self.parallel_residual)
+
+    # module access --------------------------------------------------------------------------------
+    def blocks_of(self, model) -> list:
+        return list(model.get_submodule(self.blocks))
+
+    def part(self, model, layer: int, name: str):
+        """The block-level module `name` (an Adapter field, e.g. "o_proj") of block `layer`."""
+        path = getattr(self, name)
+        if path is None:
+            raise AttributeError(f"{self.family} has no {name}")
+        return self.blocks_of(model)[layer].get_submodule(path)
+
+    # weight layouts -------------------------------------------------------------------------------
+    def as_in_out(self, weight: torch.Tensor) -> torch.Tensor:
+        """A projection weight as [in, out] whatever the module layout (a view, no copy)."""
+        return weight if self.weight_layout == "conv1d" else weight.T
+
+    def o_by_head(self, weight: torch.Tensor, n_heads: int, d_head: int) -> torch.Tensor:
+        """The output projection W_O as [H, d_head, D]: head h writes O_h @ result[h]."""
+        w = self.as_in_out(weight)  # [H*d, D]
+        return w.reshape(n_heads, d_head, w.shape[-1])

@@ -1,0 +1,168 @@
+"""Lens: a user's model + tokenizer + the adapter for its family. Entry point for tracing.
+
+A Lens wraps the model; it never copies or rewrites it. Everything a run installs is removed when
+the run ends (see capture.py).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+from . import capture
+from .adapters import adapter_for
+from .errors import LensvizError, UnsupportedModelError
+from .trace import Trace
+
+GRADIENT_MODES = ("standard",)
+
+
+class Lens:
+    """A causal LM ready to be traced.
+
+    Attributes: `model`, `tokenizer`, `adapter`, `arch` (family name), `n_layers`, `n_heads`,
+    `n_kv_heads`, `d_model`, `d_head`, `d_mlp`, `vocab_size`, `max_tokens` (longest prompt accepted).
+    """
+
+    def __init__(self, model, tokenizer, *, max_tokens: int | None = None):
+        if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+            raise LensvizError(f"Lens needs a Hugging Face model (torch.nn.Module with a .config), got {type(model).__name__}")
+        if tokenizer is None or not (callable(tokenizer) and hasattr(tokenizer, "decode")):
+            raise LensvizError(f"Lens needs the model's tokenizer (a transformers tokenizer), got {type(tokenizer).__name__}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.adapter = adapter_for(model.config)
+        for path in (self.adapter.embed, self.adapter.blocks, self.adapter.final_norm, self.adapter.unembed):
+            try:
+                model.get_submodule(path)
+            except AttributeError:
+                raise UnsupportedModelError(
+                    f"{type(model).__name__} has no '{path}'. lensviz needs the causal-LM class with its LM head "
+                    f"(e.g. AutoModelForCausalLM), not the bare {self.adapter.family} backbone."
+                ) from None
+        self.dims = self.adapter.dims(model.config)
+        limit = getattr(model.config, "max_position_embeddings", None)
+        self.max_tokens = int(max_tokens or limit or 4096)
+
+    # sizes -----------------------------------------------------------------------------------------
+    arch = property(lambda self: self.adapter.family)
+    n_layers = property(lambda self: self.dims.n_layers)
+    n_heads = property(lambda self: self.dims.n_heads)
+    n_kv_heads = property(lambda self: self.dims.n_kv_heads)
+    d_model = property(lambda self: self.dims.d_model)
+    d_head = property(lambda self: self.dims.d_head)
+    d_mlp = property(lambda self: self.dims.d_mlp)
+    vocab_size = property(lambda self: self.dims.vocab_size)
+
+    def __repr__(self) -> str:
+        d = self.dims
+        return (f"Lens({type(self.model).__name__}, arch={self.arch!r}, layers={d.n_layers}, heads={d.n_heads}"
+                f"/{d.n_kv_heads} kv, d_model={d.d_model}, vocab={d.vocab_size})")
+
+    # weights -----------------------------------------------------------------------------------------
+    def weight(self, layer: int, part: str, name: str = "weight") -> torch.Tensor:
+        """A block part's parameter (e.g. part="o_proj"), detached on CPU; loads offloaded weights."""
+        path = f"{self.adapter.blocks}.{layer}.{getattr(self.adapter, part)}"
+        with _materialized(self.model, path):
+            return getattr(self.model.get_submodule(path), name).detach().to("cpu", copy=True)
+
+    # tokens ------------------------------------------------------------------------------------------
+    def encode(self, prompt) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """Token ids [T] of a prompt (str, or list of str segments) and the segments' [start, end) spans.
+        Segments are tokenised one by one, so their boundaries fall between tokens."""
+        if isinstance(prompt, str):
+            parts = [prompt]
+        elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
+            parts = list(prompt)
+        else:
+            raise LensvizError(
+                f"prompt must be a non-empty str or a non-empty list of str segments, got {type(prompt).__name__}"
+                + (" (empty)" if isinstance(prompt, (list, tuple)) else ""))
+        if not "".join(parts):
+            raise LensvizError("prompt is empty: give some text to run the model on")
+        ids, spans = [], []
+        for i, part in enumerate(parts):
+            if not part:
+                raise LensvizError(f"prompt segment {i} is empty")
+            enc = self.tokenizer(part, add_special_tokens=(i == 0))["input_ids"]
+            spans.append((len(ids), len(ids) + len(enc)))
+            ids.extend(enc)
+        if not ids:
+            raise LensvizError("prompt produced no tokens")
+        if len(ids) > self.max_tokens:
+            raise LensvizError(
+                f"prompt is {len(ids)} tokens long; this model accepts at most {self.max_tokens}. Shorten it.")
+        return torch.tensor(ids, dtype=torch.long), spans
+
+    def token_id(self, target) -> int:
+        """The id of a target: str -> its first token (leading space matters), int -> checked id."""
+        if isinstance(target, bool):
+            raise LensvizError(f"target must be a str, an int token id or None, got {target!r}")
+        if isinstance(target, int):
+            if not 0 <= target < self.vocab_size:
+                raise LensvizError(f"target id {target} is outside the vocabulary [0, {self.vocab_size - 1}]")
+            return target
+        if isinstance(target, str):
+            if not target:
+                raise LensvizError("target is an empty string: give the token to explain, e.g. ' Paris'")
+            ids = self.tokenizer(target, add_special_tokens=False)["input_ids"]
+            if not ids:
+                raise LensvizError(f"target {target!r} encodes to no token")
+            return int(ids[0])
+        raise LensvizError(f"target must be a str, an int token id or None, got {type(target).__name__}")
+
+    def decode(self, token_id: int) -> str:
+        return self.tokenizer.decode([int(token_id)])
+
+    # tracing -----------------------------------------------------------------------------------------
+    def trace(self, prompt, target=None, *, patches=(), backward: bool = True, gradient: str = "standard") -> Trace:
+        """Run one forward (and backward) pass on `prompt` and record it.
+
+        prompt: str or list of str segments. target: None (the model's own top-1 at the last position),
+        str (its first token) or int id. The loss is L = -log softmax(logits[-1])[target].
+        Returns a `Trace`; its tensors are on CPU.
+        """
+        if not isinstance(backward, bool):
+            raise LensvizError(f"backward must be True or False, got {backward!r}")
+        if gradient not in GRADIENT_MODES:
+            raise LensvizError(f"gradient must be one of {GRADIENT_MODES}, got {gradient!r}")
+        if not isinstance(patches, (tuple, list)):
+            raise LensvizError(f"patches must be a tuple or list of patches, got {type(patches).__name__}")
+        if patches:
+            raise LensvizError("this version of lensviz has no patch types yet; pass patches=()")
+        ids, segments = self.encode(prompt)
+        fixed = None if target is None else self.token_id(target)
+
+        def resolve(last_logits):
+            return int(last_logits.argmax()) if fixed is None else fixed
+
+        data = capture.run(self.model, self.adapter, self.dims, ids, resolve, backward=backward)
+        tid = data["target_id"]
+        return Trace(
+            tokens=[self.decode(i) for i in ids.tolist()],
+            input_ids=ids,
+            target_id=tid,
+            target=self.decode(tid),
+            loss=data.pop("loss"),
+            logits=data.pop("logits"),
+            segments=segments,
+            has_backward=backward,
+            _data=data,
+            _lens=self,
+        )
+
+
+@contextmanager
+def _materialized(model, path: str):
+    """Inside: the parameters under `path` are real tensors, also where accelerate offloaded them
+    (to CPU or disk): the nearest enclosing module with an offloading hook loads them."""
+    from accelerate.utils import align_module_device, has_offloaded_params
+
+    parts = path.split(".")
+    for n in range(len(parts), -1, -1):
+        module = model.get_submodule(".".join(parts[:n]))
+        if has_offloaded_params(module):
+            with align_module_device(module):
+                yield
+            return
+    yield

@@ -1,0 +1,148 @@
+"""Trace: what one forward + backward pass recorded, and the maps derived from it on demand.
+
+Stored per layer: residuals (pre / mid / post), q, k, v after RoPE, the concatenated head outputs
+before W_O, MLP activations, and the gradients at the residual sites and at the head outputs.
+Attention A and Reversed Attention RA are computed per layer when asked, so a long prompt never
+holds n_layers * H * T^2 floats.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .adapters import Adapter, Dims
+from .capture import attention_probs, causal_allowed, repeat_kv
+from .errors import LensvizError
+
+SITES = ("pre", "mid", "post")
+
+
+def check_index(value, size: int, what: str) -> int:
+    """A 0-based index into `size` items (negative counts from the end), or a LensvizError."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+            value = int(value)
+        else:
+            raise LensvizError(f"{what} must be an int in [{-size}, {size - 1}], got {value!r}")
+    if not -size <= value < size:
+        raise LensvizError(f"{what} {value} is out of range: this model has {size} ({-size}..{size - 1} allowed)")
+    return value % size
+
+
+def check_site(site) -> str:
+    if site not in SITES:
+        raise LensvizError(f"site must be one of {SITES}, got {site!r}")
+    return site
+
+
+@dataclass(eq=False)
+class Trace:
+    """One prompt run through the model: forward activations, gradients of the last-token NLL of
+    `target`, and per-layer derived maps. All tensors are detached, on CPU, in the model dtype."""
+
+    tokens: list[str]
+    input_ids: torch.Tensor  # [T]
+    target_id: int
+    target: str
+    loss: float
+    logits: torch.Tensor  # [T, V]
+    segments: list[tuple[int, int]]
+    has_backward: bool
+    _data: dict = field(repr=False)
+    _lens: object = field(repr=False)
+
+    # shape helpers ---------------------------------------------------------------------------------
+    @property
+    def adapter(self) -> Adapter:
+        return self._lens.adapter
+
+    @property
+    def dims(self) -> Dims:
+        return self._lens.dims
+
+    @property
+    def n_layers(self) -> int:
+        return self.dims.n_layers
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def _layer(self, layer) -> int:
+        return check_index(layer, self.n_layers, "layer")
+
+    def _grad(self, name: str, layer: int) -> torch.Tensor:
+        if not self.has_backward:
+            raise LensvizError("this trace was run with backward=False: gradients were not recorded")
+        return self._data[name][layer]
+
+    # residual stream ---------------------------------------------------------------------------------
+    def resid(self, layer: int, site: str = "post") -> torch.Tensor:
+        """Residual stream [T, D] at `site`: "pre" block input, "mid" after attention, "post" block output
+        (before the final norm)."""
+        return self._data[check_site(site)][self._layer(layer)]
+
+    def resid_grad(self, layer: int, site: str = "post") -> torch.Tensor:
+        """dL/d resid(layer, site), [T, D]. With a parallel residual (GPT-NeoX) "mid" is not a tensor of
+        the graph and its gradient equals the block output's."""
+        return self._grad("g_" + check_site(site), self._layer(layer))
+
+    # attention -------------------------------------------------------------------------------------
+    def qkv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [H, T, d], k [H_kv, T, d], v [H_kv, T, d] as the attention saw them (q, k after RoPE)."""
+        layer = self._layer(layer)
+        return self._data["q"][layer], self._data["k"][layer], self._data["v"][layer]
+
+    def attention_scaling(self, layer: int) -> float:
+        """The score multiplier s of this layer (1/sqrt(d), or GPT-2's per-layer variant)."""
+        return self._data["scaling"][self._layer(layer)]
+
+    def _allowed(self, layer: int) -> torch.Tensor:
+        t = len(self)
+        return causal_allowed(self._data["mask"][layer], t, t)
+
+    def attention(self, layer: int) -> torch.Tensor:
+        """Forward attention probabilities A [H, T, T] (rows sum to 1; zero above the diagonal)."""
+        layer = self._layer(layer)
+        q, k, _ = self.qkv(layer)
+        return attention_probs(q, k, self._data["scaling"][layer], self._allowed(layer))
+
+    def head_output_grad(self, layer: int) -> torch.Tensor:
+        """delta_O [H, T, d]: dL/d of each head's output before W_O (the o_proj input)."""
+        layer = self._layer(layer)
+        g = self._grad("g_o", layer)
+        return g.reshape(len(self), self.dims.n_heads, -1).transpose(0, 1)
+
+    def reversed_attention(self, layer: int) -> torch.Tensor:
+        """Reversed Attention RA [H, T, T] = dL/d(Q_h K_h^T), the gradient w.r.t. the unscaled scores:
+        RA_h = s * A_h * (G_h - rowsum(A_h * G_h)) with G_h = delta_h V_h^T (GQA: V of kv head h // n_rep).
+        Rows sum to 0; zero above the diagonal."""
+        layer = self._layer(layer)
+        delta = self.head_output_grad(layer)
+        a = self.attention(layer)
+        v = repeat_kv(self._data["v"][layer], self.dims.n_heads // self.dims.n_kv_heads)
+        g = torch.matmul(delta, v.transpose(-1, -2))
+        return self._data["scaling"][layer] * a * (g - (a * g).sum(-1, keepdim=True))
+
+    def head_outputs(self, layer: int) -> torch.Tensor:
+        """Each head's write to the residual, O_h W_O,h: [H, T, D]. Their sum plus the o_proj bias is the
+        attention output."""
+        layer = self._layer(layer)
+        o = self._data["o"][layer].reshape(len(self), self.dims.n_heads, -1).transpose(0, 1)  # [H, T, d]
+        w = self._lens.weight(layer, "o_proj")
+        w_o = self.adapter.o_by_head(w, self.dims.n_heads, self.dims.d_head).to(o.dtype)
+        return torch.matmul(o, w_o)
+
+    # MLP ---------------------------------------------------------------------------------------------
+    def mlp_activations(self, layer: int) -> torch.Tensor:
+        """a [T, F]: the input of the MLP's output matrix (after the nonlinearity / gating)."""
+        return self._data["a"][self._layer(layer)]
+
+    def mlp_output_grad(self, layer: int) -> torch.Tensor:
+        """delta [T, D] at the MLP output (the Backward Lens FF2 VJP). It equals the block output's
+        gradient, since the MLP output is added straight onto the residual."""
+        return self._grad("g_post", self._layer(layer))
+
+    def __repr__(self) -> str:
+        return (f"Trace({len(self)} tokens, target={self.target!r}, loss={self.loss:.4f}, "
+                f"layers={self.n_layers}, backward={self.has_backward})")
