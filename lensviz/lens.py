@@ -5,6 +5,7 @@ the run ends (see capture.py).
 """
 from __future__ import annotations
 
+import operator
 from contextlib import contextmanager
 
 import torch
@@ -27,8 +28,15 @@ class Lens:
     def __init__(self, model, tokenizer, *, max_tokens: int | None = None):
         if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
             raise LensvizError(f"Lens needs a Hugging Face model (torch.nn.Module with a .config), got {type(model).__name__}")
-        if tokenizer is None or not (callable(tokenizer) and hasattr(tokenizer, "decode")):
-            raise LensvizError(f"Lens needs the model's tokenizer (a transformers tokenizer), got {type(tokenizer).__name__}")
+        if tokenizer is None or isinstance(tokenizer, type) or not (callable(tokenizer) and hasattr(tokenizer, "decode")):
+            what = f"the class {tokenizer.__name__}" if isinstance(tokenizer, type) else type(tokenizer).__name__
+            raise LensvizError(f"Lens needs the model's tokenizer (a transformers tokenizer instance), got {what}")
+        if getattr(tokenizer, "vocab_size", None) == 0:
+            raise LensvizError(
+                "the tokenizer has an empty vocabulary (was it loaded from a folder without tokenizer files?): "
+                "pass the tokenizer that belongs to the model")
+        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
+            raise LensvizError(f"max_tokens must be a positive int or None, got {max_tokens!r}")
         self.model = model
         self.tokenizer = tokenizer
         self.adapter = adapter_for(model.config)
@@ -62,7 +70,18 @@ class Lens:
     # weights -----------------------------------------------------------------------------------------
     def weight(self, layer: int, part: str, name: str = "weight") -> torch.Tensor:
         """A block part's parameter (e.g. part="o_proj"), detached on CPU; loads offloaded weights."""
+        from .trace import check_index
+
+        layer = check_index(layer, self.n_layers, "layer")
+        parts = [f for f in ("ln1", "attn", "ln2", "mlp", "o_proj", "mlp_in", "mlp_out", "mlp_gate", "q_proj",
+                             "k_proj", "v_proj", "qkv") if getattr(self.adapter, f) is not None]
+        if part not in parts:
+            raise LensvizError(f"part must be one of {tuple(parts)} for {self.arch}, got {part!r}")
         path = f"{self.adapter.blocks}.{layer}.{getattr(self.adapter, part)}"
+        module = self.model.get_submodule(path)
+        if not isinstance(name, str) or not isinstance(getattr(module, name, None), torch.Tensor):
+            names = tuple(n for n, _ in module.named_parameters(recurse=False))
+            raise LensvizError(f"{part} of layer {layer} has no parameter {name!r}; it has {names}")
         with _materialized(self.model, path):
             return getattr(self.model.get_submodule(path), name).detach().to("cpu", copy=True)
 
@@ -72,7 +91,10 @@ class Lens:
         Segments are tokenised one by one, so their boundaries fall between tokens."""
         if isinstance(prompt, str):
             parts = [prompt]
-        elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
+        elif isinstance(prompt, (list, tuple)) and prompt:
+            for i, p in enumerate(prompt):
+                if not isinstance(p, str):
+                    raise LensvizError(f"prompt segment {i} must be a str, got {type(p).__name__} ({p!r:.40})")
             parts = list(prompt)
         else:
             raise LensvizError(
@@ -92,12 +114,25 @@ class Lens:
         if len(ids) > self.max_tokens:
             raise LensvizError(
                 f"prompt is {len(ids)} tokens long; this model accepts at most {self.max_tokens}. Shorten it.")
+        self._check_ids(ids, "the prompt")
         return torch.tensor(ids, dtype=torch.long), spans
+
+    def _check_ids(self, ids, what: str) -> None:
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise LensvizError(
+                f"the tokenizer turned {what} into token id {bad[0]}, outside the model's vocabulary "
+                f"[0, {self.vocab_size - 1}]: is this tokenizer the model's own?")
 
     def token_id(self, target) -> int:
         """The id of a target: str -> its first token (leading space matters), int -> checked id."""
         if isinstance(target, bool):
             raise LensvizError(f"target must be a str, an int token id or None, got {target!r}")
+        if not isinstance(target, (int, str)) and hasattr(target, "__index__"):  # numpy ints, 0-d int tensors
+            try:
+                target = operator.index(target)
+            except TypeError:
+                raise LensvizError(f"target must be a str, an int token id or None, got {target!r}") from None
         if isinstance(target, int):
             if not 0 <= target < self.vocab_size:
                 raise LensvizError(f"target id {target} is outside the vocabulary [0, {self.vocab_size - 1}]")
@@ -108,6 +143,7 @@ class Lens:
             ids = self.tokenizer(target, add_special_tokens=False)["input_ids"]
             if not ids:
                 raise LensvizError(f"target {target!r} encodes to no token")
+            self._check_ids(ids[:1], f"the target {target!r}")
             return int(ids[0])
         raise LensvizError(f"target must be a str, an int token id or None, got {type(target).__name__}")
 
@@ -130,6 +166,9 @@ class Lens:
             raise LensvizError(f"patches must be a tuple or list of patches, got {type(patches).__name__}")
         if patches:
             raise LensvizError("this version of lensviz has no patch types yet; pass patches=()")
+        if backward and torch.is_inference_mode_enabled():
+            raise LensvizError("lens.trace(backward=True) cannot run inside torch.inference_mode(): gradients need "
+                               "autograd. Leave the inference_mode block, or pass backward=False")
         ids, segments = self.encode(prompt)
         fixed = None if target is None else self.token_id(target)
 

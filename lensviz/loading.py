@@ -46,22 +46,44 @@ def load(name: str | os.PathLike | None = None, *, dtype=None, progress: bool = 
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    if progress not in (True, False):
+        raise LensvizError(f"progress must be True or False, got {progress!r}")
+    if not (dtype is None or isinstance(dtype, (torch.dtype, dict)) or dtype == "auto"
+            or (isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype))):
+        raise LensvizError(f"dtype must be a torch dtype (e.g. torch.float32), its name, or 'auto'; got {dtype!r}")
     _progress(progress)
     dtype = torch.float32 if dtype is None else dtype
+    offline = False
     if name is None:
         folder, gguf = embedded_model_file()
         source, extra = str(folder), {"gguf_file": gguf}
+        kwargs.pop("gguf_file", None)
     else:
         if not isinstance(name, (str, os.PathLike)) or not str(name).strip():
             raise LensvizError(f"model name must be a hub id or a folder path, got {name!r}")
         source, extra = str(name), {}
-        looks_local = os.path.isabs(source) or source.startswith((".", "~")) or os.sep + os.sep in source
-        if looks_local and not os.path.isdir(os.path.expanduser(source)):
+        looks_local = (isinstance(name, os.PathLike) or os.path.isabs(source) or source.startswith((".", "~"))
+                       or os.sep + os.sep in source)
+        path = os.path.expanduser(source)
+        if os.path.isfile(path):
+            raise LensvizError(
+                f"{source!r} is a file; lv.load wants a model folder (holding config.json and weights) or a hub id"
+                + (". For a GGUF file: lv.load(folder, gguf_file=name)" if path.endswith(".gguf") else ""))
+        if looks_local and not os.path.isdir(path):
             raise LensvizError(f"no model folder at {source!r}: check the path (it must hold config.json and weights)")
-        source = os.path.expanduser(source)
+        source = path
+        if not os.path.isdir(source) and _hub_offline():
+            offline = True  # the env var may be set after huggingface_hub read it: honour it here
+            kwargs.setdefault("local_files_only", True)
+    hub_kw = _config_kwargs(kwargs)
     try:
-        config = AutoConfig.from_pretrained(source, **extra, **_config_kwargs(kwargs))
+        config = AutoConfig.from_pretrained(source, **extra, **hub_kw)
     except (OSError, ValueError) as e:
+        if offline:
+            raise LensvizError(
+                f"Hugging Face offline mode is on (HF_HUB_OFFLINE) and {source!r} is neither a local folder nor in "
+                "the Hugging Face cache. Pass a local folder that holds the model, or call lv.load() for the "
+                "embedded SmolLM2.") from None
         raise LensvizError(
             f"could not read the config of {source!r}: {_first_line(e)}\n"
             "If you are offline, pass a local folder that holds the model, or call lv.load() for the embedded "
@@ -70,17 +92,33 @@ def load(name: str | os.PathLike | None = None, *, dtype=None, progress: bool = 
 
     adapter_for(config)  # unsupported architectures fail before any weights are read
     try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **extra, **hub_kw)
+        if getattr(tokenizer, "vocab_size", None) == 0:
+            raise LensvizError(f"{source!r} holds no tokenizer files (tokenizer.json, or vocab and merges files): "
+                               "save the tokenizer there too, or build the Lens yourself: lv.Lens(model, tokenizer)")
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+    except LensvizError:
+        raise
     except (OSError, ValueError) as e:
         raise LensvizError(f"could not load {source!r}: {_first_line(e)}") from None
+    except TypeError as e:  # e.g. a keyword argument from_pretrained or the model class does not take
+        raise LensvizError(
+            f"could not load {source!r}: {_first_line(e)} (check the keyword arguments to lv.load)") from None
     model.eval()
     return Lens(model, tokenizer)
 
 
+def _hub_offline() -> bool:
+    """Offline mode as set now (huggingface_hub reads HF_HUB_OFFLINE only once, when imported)."""
+    from huggingface_hub import constants
+
+    env = lambda k: os.environ.get(k, "").strip().upper() in {"1", "ON", "YES", "TRUE"}  # noqa: E731
+    return bool(constants.HF_HUB_OFFLINE) or env("HF_HUB_OFFLINE") or env("TRANSFORMERS_OFFLINE")
+
+
 def _config_kwargs(kwargs: dict) -> dict:
-    return {k: kwargs[k] for k in ("revision", "trust_remote_code", "token", "cache_dir", "local_files_only")
-            if k in kwargs}
+    return {k: kwargs[k] for k in ("revision", "trust_remote_code", "token", "cache_dir", "local_files_only",
+                                   "subfolder", "gguf_file") if k in kwargs}
 
 
 def _first_line(e: Exception) -> str:

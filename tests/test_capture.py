@@ -224,3 +224,52 @@ def test_returned_tensors_are_detached_cpu_and_shaped(run):
     for name, (x, shape) in shapes.items():
         assert tuple(x.shape) == shape, name
         assert x.device.type == "cpu" and not x.requires_grad, name
+
+
+def _rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_qkv_weight_gradients_through_rope_and_gqa(family, tiny_tokenizer):  # row 8, Linear + RoPE + GQA
+    lens = lv.Lens(models.build(family), tiny_tokenizer)
+    tr = lens.trace(PROMPT, target=TARGET)
+    model, ad = lens.model, lens.adapter
+    oracle.run(model, tr.input_ids, tr.target_id, params_grad=True)
+    try:
+        n_rep, d = lens.n_heads // lens.n_kv_heads, lens.d_head
+        positions = torch.arange(len(tr))[None]
+        for layer in range(lens.n_layers):
+            x = ad.blocks_of(model)[layer].get_submodule(ad.ln1)(tr.resid(layer, "pre")).detach()
+            cos, sin = model.model.rotary_emb(x[None], positions)
+            cos, sin = cos[0], sin[0]  # [T, d]
+            unrope = lambda g: g * cos - _rotate_half(g * sin)  # noqa: E731  transpose of the rotation
+            q, k, v = tr.qkv(layer)
+            ra, a, delta = tr.reversed_attention(layer), tr.attention(layer), tr.head_output_grad(layer)
+            d_q = torch.stack([unrope(ra[h] @ k[h // n_rep]) for h in range(lens.n_heads)])
+            d_k = torch.stack([unrope(sum(ra[h].T @ q[h] for h in range(g * n_rep, (g + 1) * n_rep)))
+                               for g in range(lens.n_kv_heads)])
+            d_v = torch.stack([sum(a[h].T @ delta[h] for h in range(g * n_rep, (g + 1) * n_rep))
+                               for g in range(lens.n_kv_heads)])
+            for part, dm in (("q_proj", d_q), ("k_proj", d_k), ("v_proj", d_v)):
+                flat = dm.transpose(0, 1).reshape(len(tr), -1)  # [T, heads * d]
+                module = ad.part(model, layer, part)
+                assert rel(module.weight.grad, flat.T @ x) < 1e-12, part
+                if module.bias is not None:
+                    assert rel(module.bias.grad, flat.sum(0)) < 1e-12, part
+    finally:
+        for p in model.parameters():
+            p.grad = None
+
+
+def test_authors_transposed_expression_matches(run):  # row 3 (Reversed-Attention exp_ra_utils form)
+    lens, tr, _ = run
+    n_rep = lens.n_heads // lens.n_kv_heads
+    for layer in range(lens.n_layers):
+        a, delta = tr.attention(layer), tr.head_output_grad(layer)
+        v = tr.qkv(layer)[2]
+        for h in range(lens.n_heads):
+            rev_logits = delta[h] @ v[h // n_rep].T
+            authors = (a[h] * (rev_logits.T - torch.diag(a[h] @ rev_logits.T)).T) * tr.attention_scaling(layer)
+            assert torch.allclose(authors, tr.reversed_attention(layer)[h], atol=1e-18, rtol=1e-12)

@@ -1,0 +1,60 @@
+"""Adapters are data: every path they name exists in the family's HF module tree, the sizes they
+read match the modules, and no code outside lensviz/adapters/ branches on the model type."""
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+
+import lensviz as lv
+from lensviz.adapters import adapter_for, supported_model_types
+from tests import models
+
+BLOCK_PARTS = ("ln1", "attn", "ln2", "mlp", "o_proj", "mlp_in", "mlp_out", "mlp_gate", "q_proj", "k_proj",
+               "v_proj", "qkv")
+
+
+@pytest.mark.parametrize("family", models.FAMILIES)
+def test_adapter_paths_and_sizes_match_the_model(family):
+    model = models.build(family)
+    ad = adapter_for(model.config)
+    dims = ad.dims(model.config)
+    for path in (ad.embed, ad.blocks, ad.final_norm, ad.unembed):
+        model.get_submodule(path)
+    blocks = ad.blocks_of(model)
+    assert len(blocks) == dims.n_layers
+    for name in BLOCK_PARTS:
+        if getattr(ad, name) is not None:
+            ad.part(model, 0, name)
+    assert (ad.qkv is None) == (ad.q_proj is not None)
+    o_in_out = ad.as_in_out(ad.part(model, 0, "o_proj").weight)
+    assert tuple(o_in_out.shape) == (dims.n_heads * dims.d_head, dims.d_model)
+    mlp_out = ad.as_in_out(ad.part(model, 0, "mlp_out").weight)
+    assert tuple(mlp_out.shape) == (dims.d_mlp, dims.d_model)
+    assert model.get_submodule(ad.unembed).weight.shape[0] == dims.vocab_size
+    assert ad.o_by_head(ad.part(model, 0, "o_proj").weight, dims.n_heads, dims.d_head).shape == (
+        dims.n_heads, dims.d_head, dims.d_model)
+
+
+def test_families_and_layout_flags():
+    expect = {"gpt2": ("gpt2", "conv1d", "layernorm"), "llama": ("llama", "linear", "rmsnorm"),
+              "qwen2": ("qwen2", "linear", "rmsnorm"), "gpt_neox": ("gpt_neox", "linear", "layernorm")}
+    for family, (name, layout, norm) in expect.items():
+        ad = adapter_for(models.config(family))
+        assert (ad.family, ad.weight_layout, ad.norm) == (name, layout, norm)
+    assert adapter_for(models.config("gpt_neox")).is_parallel(models.config("gpt_neox"))
+    assert not adapter_for(models.config("gpt_neox_seq")).is_parallel(models.config("gpt_neox_seq"))
+    assert {"gpt2", "llama", "mistral", "qwen2", "gpt_neox"} <= set(supported_model_types())
+
+
+def test_unsupported_model_type_names_the_supported_families():
+    from transformers import BertConfig
+
+    with pytest.raises(lv.UnsupportedModelError, match="gpt2.*llama"):
+        adapter_for(BertConfig())
+
+
+def test_no_model_type_branches_outside_adapters():
+    root = pathlib.Path(lv.__file__).parent
+    offenders = [p for p in root.rglob("*.py") if "adapters" not in p.parts and "model_type" in p.read_text()]
+    assert offenders == []
