@@ -236,15 +236,19 @@ def frozen_eval(model):
             m.training = True
 
 
-def input_device(model, adapter: Adapter) -> torch.device:
-    """Where token ids must live: the embedding's execution device (accelerate-aware)."""
-    emb = model.get_submodule(adapter.embed)
-    hook = getattr(emb, "_hf_hook", None)
+def module_device(module) -> torch.device:
+    """Where a module computes: accelerate's execution device if dispatched, else its weight's device."""
+    hook = getattr(module, "_hf_hook", None)
     dev = getattr(hook, "execution_device", None)
     if dev is not None:
         return torch.device(dev if not isinstance(dev, int) else f"cuda:{dev}")
-    w = emb.weight
-    return w.device if w.device.type != "meta" else torch.device("cpu")
+    w = next(module.parameters(), None)
+    return w.device if w is not None and w.device.type != "meta" else torch.device("cpu")
+
+
+def input_device(model, adapter: Adapter) -> torch.device:
+    """Where token ids must live: the embedding's execution device (accelerate-aware)."""
+    return module_device(model.get_submodule(adapter.embed))
 
 
 def run(model, adapter: Adapter, dims: Dims, input_ids: torch.Tensor, resolve_target: Callable,

@@ -49,6 +49,7 @@ class Lens:
                     f"(e.g. AutoModelForCausalLM), not the bare {self.adapter.family} backbone."
                 ) from None
         self.dims = self.adapter.dims(model.config)
+        self._token_strings = None
         limit = getattr(model.config, "max_position_embeddings", None)
         self.max_tokens = int(max_tokens or limit or 4096)
 
@@ -67,6 +68,40 @@ class Lens:
         return (f"Lens({type(self.model).__name__}, arch={self.arch!r}, layers={d.n_layers}, heads={d.n_heads}"
                 f"/{d.n_kv_heads} kv, d_model={d.d_model}, vocab={d.vocab_size})")
 
+    # unembedding -----------------------------------------------------------------------------------
+    @property
+    def final_norm_module(self):
+        return self.model.get_submodule(self.adapter.final_norm)
+
+    @property
+    def unembed_module(self):
+        return self.model.get_submodule(self.adapter.unembed)
+
+    @property
+    def unembed_device(self) -> torch.device:
+        return capture.module_device(self.unembed_module)
+
+    @property
+    def model_dtype(self) -> torch.dtype:
+        return self.unembed_module.weight.dtype if self.unembed_module.weight.dtype.is_floating_point else torch.float32
+
+    @property
+    def token_strings(self) -> list[str]:
+        """Every vocabulary id decoded to its text (cached; token text is untrusted: escape it to display)."""
+        if self._token_strings is None:
+            ids = [[i] for i in range(self.vocab_size)]
+            self._token_strings = self.tokenizer.batch_decode(ids)
+        return self._token_strings
+
+    def project(self, vectors, k: int = 10, *, target=None, normalize: bool = False, bottom: bool = False):
+        """Vocabulary projection proj(v) = softmax(W_U . N_f(v)) of vectors [..., D] (final norm with its
+        affine parameters, then the unembedding). Returns `TopK` with leading dims [...]: ids/probs
+        [..., k], tokens, and target_rank [...] when `target` (str or id) is given. normalize=True projects
+        v / |v| (use it for gradients on LayerNorm models); bottom=True gives the k least probable tokens."""
+        from .lenses.vocab import project
+
+        return project(self, vectors, k, target=target, normalize=normalize, bottom=bottom)
+
     # weights -----------------------------------------------------------------------------------------
     def weight(self, layer: int, part: str, name: str = "weight") -> torch.Tensor:
         """A block part's parameter (e.g. part="o_proj"), detached on CPU; loads offloaded weights."""
@@ -84,6 +119,27 @@ class Lens:
             raise LensvizError(f"{part} of layer {layer} has no parameter {name!r}; it has {names}")
         with _materialized(self.model, path):
             return getattr(self.model.get_submodule(path), name).detach().to("cpu", copy=True)
+
+    def param(self, layer: int, part: str, name: str = "weight") -> torch.Tensor | None:
+        """Like `weight` but None where the part or parameter does not exist (e.g. a missing bias)."""
+        if getattr(self.adapter, part, None) is None:
+            return None
+        path = f"{self.adapter.blocks}.{layer}.{getattr(self.adapter, part)}"
+        if getattr(self.model.get_submodule(path), name, None) is None:
+            return None
+        return self.weight(layer, part, name)
+
+    def attention_weights(self, layer: int) -> dict:
+        """Per-head attention parameters of a layer, [in, out] oriented, on CPU:
+        q [H, D, d], k/v [H_kv, D, d], bq [H, d], bk/bv [H_kv, d] (or None), o [H, d, D], bo [D] or None.
+        Head h's pre-RoPE query is x @ q[h] + bq[h]; its write to the residual is O_h @ o[h]."""
+        from .trace import check_index
+
+        layer = check_index(layer, self.n_layers, "layer")
+        out = self.adapter.qkv_by_head(lambda part, name: self.param(layer, part, name), self.dims)
+        out["o"] = self.adapter.o_by_head(self.weight(layer, "o_proj"), self.n_heads, self.d_head)
+        out["bo"] = self.param(layer, "o_proj", "bias")
+        return out
 
     # tokens ------------------------------------------------------------------------------------------
     def encode(self, prompt) -> tuple[torch.Tensor, list[tuple[int, int]]]:

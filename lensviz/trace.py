@@ -143,6 +143,14 @@ class Trace:
         gradient, since the MLP output is added straight onto the residual."""
         return self._grad("g_post", self._layer(layer))
 
+    # vocabulary --------------------------------------------------------------------------------------
+    def logit_lens(self, k: int = 10, site: str = "post"):
+        """Vocabulary projection of resid(l, site) for every layer l and position: `TopK` with leading
+        dims [n_layers, T] and target_rank for this trace's target."""
+        from .lenses.vocab import logit_lens
+
+        return logit_lens(self, k, site)
+
     def __repr__(self) -> str:
         return (f"Trace({len(self)} tokens, target={self.target!r}, loss={self.loss:.4f}, "
                 f"layers={self.n_layers}, backward={self.has_backward})")

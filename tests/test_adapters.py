@@ -58,3 +58,27 @@ def test_no_model_type_branches_outside_adapters():
     root = pathlib.Path(lv.__file__).parent
     offenders = [p for p in root.rglob("*.py") if "adapters" not in p.parts and "model_type" in p.read_text()]
     assert offenders == []
+
+
+@pytest.mark.parametrize("family", models.FAMILIES)
+def test_per_head_qkv_weights_reproduce_the_captured_projections(family, tiny_tokenizer):
+    """x @ W_v[g] + b_v[g] is the captured v of kv head g in every family; without RoPE (GPT-2) the same
+    holds for q and k; and O_h @ W_O[h] summed over heads plus b_O is the attention output."""
+    import torch
+
+    lens = lv.Lens(models.build(family), tiny_tokenizer)
+    tr = lens.trace("I like Italy and France. I visited the city of", target=" Paris")
+    for layer in range(lens.n_layers):
+        w = lens.attention_weights(layer)
+        x = lens.adapter.blocks_of(lens.model)[layer].get_submodule(lens.adapter.ln1)(tr.resid(layer, "pre")).detach()
+        q, k, v = tr.qkv(layer)
+        pairs = [("v", v)] + ([("q", q), ("k", k)] if family == "gpt2" else [])
+        for key, captured in pairs:
+            rebuilt = torch.einsum("td,hde->hte", x, w[key]) + (0 if w["b" + key] is None else w["b" + key][:, None])
+            assert torch.allclose(rebuilt, captured, atol=1e-12), key
+        assert w["q"].shape == (lens.n_heads, lens.d_model, lens.d_head)
+        assert w["k"].shape == (lens.n_kv_heads, lens.d_model, lens.d_head)
+        attn_out = tr.resid(layer, "mid") - tr.resid(layer, "pre")
+        o = tr._data["o"][layer].reshape(len(tr), lens.n_heads, lens.d_head).transpose(0, 1)
+        rebuilt = torch.einsum("htd,hdD->tD", o, w["o"]) + (0 if w["bo"] is None else w["bo"])
+        assert torch.allclose(rebuilt, attn_out, atol=1e-12)

@@ -105,6 +105,33 @@ class Adapter:
         """A projection weight as [in, out] whatever the module layout (a view, no copy)."""
         return weight if self.weight_layout == "conv1d" else weight.T
 
+    def qkv_by_head(self, param, dims: Dims) -> dict:
+        """Per-head q/k/v projections in [in, out] orientation: W_q [H, D, d], W_k and W_v [H_kv, D, d],
+        and biases b_q [H, d], b_k/b_v [H_kv, d] (None where the family has none), so that head h's
+        (pre-RoPE) query is x @ W_q[h] + b_q[h]. `param(part, name)` fetches a block parameter or None."""
+        d, big_d = dims.d_head, dims.d_model
+        heads = {"q": dims.n_heads, "k": dims.n_kv_heads, "v": dims.n_kv_heads}
+        out = {}
+        if self.qkv is None:
+            for key in "qkv":
+                w = self.as_in_out(param(f"{key}_proj", "weight"))  # [D, heads*d]
+                b = param(f"{key}_proj", "bias")
+                out[key] = w.reshape(big_d, heads[key], d).permute(1, 0, 2)
+                out["b" + key] = None if b is None else b.reshape(heads[key], d)
+            return out
+        w = self.as_in_out(param("qkv", "weight"))  # [D, 3 * H * d]
+        b = param("qkv", "bias")
+        if self.qkv_split == "concat":  # [q | k | v], head h at h*d inside each third
+            ws = w.reshape(big_d, 3, dims.n_heads, d).permute(1, 2, 0, 3)
+            bs = None if b is None else b.reshape(3, dims.n_heads, d)
+        else:  # "per_head": for each head [q k v]
+            ws = w.reshape(big_d, dims.n_heads, 3, d).permute(2, 1, 0, 3)
+            bs = None if b is None else b.reshape(dims.n_heads, 3, d).transpose(0, 1)
+        for i, key in enumerate("qkv"):
+            out[key] = ws[i]
+            out["b" + key] = None if bs is None else bs[i]
+        return out
+
     def o_by_head(self, weight: torch.Tensor, n_heads: int, d_head: int) -> torch.Tensor:
         """The output projection W_O as [H, d_head, D]: head h writes O_h @ result[h]."""
         w = self.as_in_out(weight)  # [H*d, D]

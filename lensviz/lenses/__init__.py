@@ -1,0 +1,1 @@
+"""Lenses: plain functions of a Trace and the model's weights, one module per method."""

@@ -1,0 +1,86 @@
+"""Vocabulary projection against the plain math softmax(W_U N_f(v)), on several families."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lensviz as lv
+from lensviz.lenses import vocab
+from tests import models
+from tests.conftest import PROMPT
+
+
+def full_probs(lens, v):
+    with torch.no_grad():
+        return torch.softmax(lens.unembed_module(lens.final_norm_module(v)).float(), -1)
+
+
+def test_project_equals_plain_softmax_topk_and_rank(tiny):
+    tr = tiny.trace(PROMPT, target=" Paris")
+    v = torch.stack([tr.resid(layer, "mid") for layer in range(tiny.n_layers)])  # [L, T, D]
+    got = tiny.project(v, k=5, target=" Paris")
+    p = full_probs(tiny, v)
+    top = p.topk(5, dim=-1)
+    assert got.ids.shape == (tiny.n_layers, len(tr), 5)
+    assert torch.equal(got.ids, top.indices)
+    assert torch.allclose(got.probs, top.values, atol=1e-6)
+    tid = tr.target_id
+    assert torch.equal(got.target_rank, (p > p[..., tid:tid + 1]).sum(-1))
+    assert got.tokens[0][0] == [tiny.tokenizer.decode([i]) for i in top.indices[0, 0].tolist()]
+
+
+def test_bottom_and_normalize(tiny):
+    tr = tiny.trace(PROMPT, target=" Paris")
+    g = tr.mlp_output_grad(0)
+    p = full_probs(tiny, g)
+    bottom = tiny.project(g, k=3, bottom=True)
+    assert torch.equal(bottom.ids, p.topk(3, dim=-1, largest=False).indices)
+    unit = g / g.norm(dim=-1, keepdim=True)
+    normed = tiny.project(g, k=3, normalize=True)
+    assert torch.equal(normed.ids, full_probs(tiny, unit).topk(3, dim=-1).indices)
+
+
+def test_last_layer_logit_lens_is_the_models_prediction(tiny):
+    tr = tiny.trace(PROMPT)
+    ll = tr.logit_lens(k=3)
+    assert ll.ids.shape == (tiny.n_layers, len(tr), 3)
+    assert torch.equal(ll.ids[-1, :, 0], tr.logits.argmax(-1))
+    assert torch.all(ll.target_rank[-1, -1] == 0)  # target None = the model's own top-1
+    assert torch.allclose(ll.probs[-1, :, 0], torch.softmax(tr.logits.float(), -1).max(-1).values, atol=1e-6)
+
+
+def test_three_sites_project_their_own_residuals(tiny):
+    tr = tiny.trace(PROMPT, target=" Paris")
+    for site in ("pre", "mid", "post"):
+        ll = tr.logit_lens(k=2, site=site)
+        direct = tiny.project(tr.resid(1, site), k=2)
+        assert torch.equal(ll.ids[1], direct.ids)
+
+
+def test_chunking_does_not_change_results(tiny, monkeypatch):
+    tr = tiny.trace(PROMPT, target=" Paris")
+    whole = tr.logit_lens(k=4)
+    monkeypatch.setattr(vocab, "CHUNK_BYTES", 4 * tiny.vocab_size * 3)  # three rows per chunk
+    chunked = tr.logit_lens(k=4)
+    assert torch.equal(whole.ids, chunked.ids) and torch.equal(whole.target_rank, chunked.target_rank)
+
+
+@pytest.mark.parametrize("family,odd", [("llama", True), ("gpt2", False)])
+def test_rmsnorm_is_odd_layernorm_is_not(family, odd, tiny_tokenizer):  # research §5 row 15
+    lens = lv.Lens(models.build(family), tiny_tokenizer)
+    g = lens.trace(PROMPT, target=" Paris").mlp_output_grad(1)
+    with torch.no_grad():
+        pos = lens.unembed_module(lens.final_norm_module(g))
+        neg = lens.unembed_module(lens.final_norm_module(-g))
+    assert torch.allclose(neg, -pos, atol=1e-12) is odd
+
+
+def test_bad_vectors_are_rejected(tiny):
+    with pytest.raises(lv.LensvizError, match="d_model"):
+        tiny.project(torch.zeros(3, tiny.d_model + 1))
+    with pytest.raises(lv.LensvizError, match="torch.Tensor"):
+        tiny.project([[0.0] * tiny.d_model])
+    with pytest.raises(lv.LensvizError, match="k must be"):
+        tiny.project(torch.zeros(tiny.d_model), k=0)
+    with pytest.raises(lv.LensvizError, match="site"):
+        tiny.trace(PROMPT).logit_lens(site="resid")
