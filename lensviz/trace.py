@@ -133,6 +133,25 @@ class Trace:
         w_o = self.adapter.o_by_head(w, self.dims.n_heads, self.dims.d_head).to(o.dtype)
         return torch.matmul(o, w_o)
 
+    # block inputs after the norms (recomputed on demand from the residual and the norm modules) -----
+    def _normed(self, layer: int, norm_part: str, site: str) -> torch.Tensor:
+        module = self.adapter.blocks_of(self._lens.model)[layer].get_submodule(getattr(self.adapter, norm_part))
+        from .capture import module_device
+
+        x = self._data[site][layer].to(module_device(module))
+        with torch.no_grad():
+            return module(x).to("cpu")
+
+    def attn_input(self, layer: int) -> torch.Tensor:
+        """X [T, D]: the input of the attention projections (the first norm applied to resid "pre")."""
+        return self._normed(self._layer(layer), "ln1", "pre")
+
+    def mlp_input(self, layer: int) -> torch.Tensor:
+        """x [T, D]: the input of the MLP's first matrices (FF1 / up & gate), the second norm applied to
+        resid "mid" (or to "pre" in a parallel-residual block)."""
+        layer = self._layer(layer)
+        return self._normed(layer, "ln2", "pre" if self.adapter.is_parallel(self._lens.model.config) else "mid")
+
     # MLP ---------------------------------------------------------------------------------------------
     def mlp_activations(self, layer: int) -> torch.Tensor:
         """a [T, F]: the input of the MLP's output matrix (after the nonlinearity / gating)."""

@@ -273,3 +273,18 @@ def test_authors_transposed_expression_matches(run):  # row 3 (Reversed-Attentio
             rev_logits = delta[h] @ v[h // n_rep].T
             authors = (a[h] * (rev_logits.T - torch.diag(a[h] @ rev_logits.T)).T) * tr.attention_scaling(layer)
             assert torch.allclose(authors, tr.reversed_attention(layer)[h], atol=1e-18, rtol=1e-12)
+
+
+def test_normed_inputs_feed_the_sublayers(run):
+    """The MLP applied to mlp_input gives the MLP's contribution; q/k/v from attn_input match capture."""
+    lens, tr, _ = run
+    ad = lens.adapter
+    for layer in range(lens.n_layers):
+        block = ad.blocks_of(lens.model)[layer]
+        with torch.no_grad():
+            mlp_out = block.get_submodule(ad.mlp)(tr.mlp_input(layer))
+        contribution = tr.resid(layer, "post") - tr.resid(layer, "mid")
+        assert rel(mlp_out, contribution) < 1e-12
+        w = lens.attention_weights(layer)
+        v = torch.einsum("td,hde->hte", tr.attn_input(layer), w["v"]) + (0 if w["bv"] is None else w["bv"][:, None])
+        assert rel(v, tr.qkv(layer)[2]) < 1e-12
