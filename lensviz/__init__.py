@@ -8,7 +8,10 @@
 from .errors import LensvizError, UnsupportedModelError
 from .lens import Lens
 from .loading import load
+from .patches import (ActivationPatch, AttentionPatch, HeadAblation, NeuronPatch, SegmentMask, ShiftEdit,
+                      TopKAttention, compare)
 from .trace import Trace
 
-__all__ = ["Lens", "LensvizError", "Trace", "UnsupportedModelError", "load"]
+__all__ = ["ActivationPatch", "AttentionPatch", "HeadAblation", "Lens", "LensvizError", "NeuronPatch", "SegmentMask",
+           "ShiftEdit", "TopKAttention", "Trace", "UnsupportedModelError", "compare", "load"]
 __version__ = "0.1.0"

@@ -59,6 +59,52 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, scaling: float, allowed: t
     return torch.softmax(scores, dim=-1)
 
 
+@dataclass
+class AttentionEdit:
+    """Edits of one layer's attention, applied on the explicit (eager) path.
+
+    scores: fns (scores [B, H, q, T], rows: slice) -> scores, on scaled, masked scores before the softmax.
+    probs:  fns (probs [B, H, q, T], rows: slice) -> probs, after the softmax.
+    `rows` says which query positions the chunk holds.
+    """
+
+    scores: list = field(default_factory=list)
+    probs: list = field(default_factory=list)
+    outputs: list = field(default_factory=list)  # fns (out [B, H, T, d]) -> out, on every path
+
+    @property
+    def explicit(self) -> bool:
+        return bool(self.scores or self.probs)
+
+
+QUERY_CHUNK_BYTES = 256 * 2**20  # explicit path: largest score block held at once
+
+
+def explicit_attention(query, key, value, mask, scaling, edit: AttentionEdit | None = None,
+                       chunk: int | None = None) -> torch.Tensor:
+    """Eager attention over query chunks with optional score / probability edits.
+    query [B, H, T, d], key/value [B, H_kv, S, d] -> [B, H, T, d]."""
+    n_rep = query.shape[1] // key.shape[1]
+    k, v = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
+    t_q, t_k = query.shape[2], key.shape[2]
+    allowed = causal_allowed(mask, t_q, t_k, query.device)
+    if chunk is None:
+        per_row = query.shape[0] * query.shape[1] * t_k * query.element_size()
+        chunk = max(1, QUERY_CHUNK_BYTES // per_row)
+    outs = []
+    for start in range(0, t_q, chunk):
+        rows = slice(start, min(t_q, start + chunk))
+        scores = torch.matmul(query[:, :, rows], k.transpose(-1, -2)) * scaling
+        scores = scores.masked_fill(~allowed[rows], float("-inf"))
+        for fn in (edit.scores if edit else ()):
+            scores = fn(scores, rows)
+        probs = torch.softmax(scores, dim=-1).to(value.dtype)
+        for fn in (edit.probs if edit else ()):
+            probs = fn(probs, rows)
+        outs.append(torch.matmul(probs, v))
+    return torch.cat(outs, dim=2)
+
+
 def lensviz_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention function. query [B, H, T, d], key/value [B, H_kv, S, d] (after RoPE).
     Returns ([B, T, H, d], None) as the interface requires."""
@@ -66,18 +112,18 @@ def lensviz_attention(module, query, key, value, attention_mask, scaling=None, d
         scaling = query.shape[-1] ** -0.5
     rec = _ACTIVE.get()
     layer = rec.layer_of_attn.get(id(module)) if rec is not None else None
-    edit = rec.prob_edits.get(layer) if rec is not None and layer is not None else None
-    n_rep = query.shape[1] // key.shape[1]
-    if edit is None:
+    edit = rec.attn_edits.get(layer) if rec is not None and layer is not None else None
+    if edit is None or not edit.explicit:
+        n_rep = query.shape[1] // key.shape[1]
         k, v = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
         is_causal = attention_mask is None and query.shape[2] > 1 and getattr(module, "is_causal", True)
         out = F.scaled_dot_product_attention(
             query, k, v, attn_mask=attention_mask, dropout_p=dropout, is_causal=is_causal, scale=scaling
         )
-    else:  # explicit path: a patch edits the probabilities after the softmax
-        allowed = causal_allowed(attention_mask, query.shape[2], key.shape[2], query.device)
-        probs = attention_probs(query, key, scaling, allowed).to(value.dtype)
-        out = torch.matmul(edit(probs), repeat_kv(value, n_rep))
+    else:
+        out = explicit_attention(query, key, value, attention_mask, scaling, edit)
+    for fn in (edit.outputs if edit is not None else ()):
+        out = fn(out)
     out = out.transpose(1, 2)
     if rec is not None and layer is not None:
         rec.on_attention(layer, query, key, value, attention_mask, scaling, out)
@@ -92,12 +138,19 @@ class Recorder:
     parallel: bool
     want_grads: bool
     layer_of_attn: dict = field(default_factory=dict)
-    prob_edits: dict = field(default_factory=dict)  # layer -> fn(A [B,H,T,T]) -> A'
+    attn_edits: dict = field(default_factory=dict)  # layer -> AttentionEdit
+    layer_causal: bool = False
+
+    def edit(self, layer: int) -> AttentionEdit:
+        """The (created on first use) attention edit of a layer, for patches to add to."""
+        return self.attn_edits.setdefault(layer, AttentionEdit())
 
     def __post_init__(self):
         n = self.n_layers
         for name in ("pre", "mid", "q", "k", "v", "o", "a", "scaling", "mask", "g_pre", "g_mid", "g_o"):
             setattr(self, name, [None] * n)
+        self.g_post_lc = [None] * n  # layer-causal: dL_l/d post_l (differs from the next block's input grad)
+        self.out_last = [None] * n  # layer-causal: graph-connected block outputs at the last position
         self.final = None
         self.g_final = None
 
@@ -114,7 +167,19 @@ class Recorder:
 
     # called from hooks ---------------------------------------------------------------------------
     def on_block_input(self, layer, x):
-        self._track(x, self.pre, layer, self.g_pre)
+        """Record a block's input; in layer-causal mode return its detached copy for the block to use."""
+        if not (self.layer_causal and self.want_grads):
+            self._track(x, self.pre, layer, self.g_pre)
+            return None
+        if layer > 0 and x.requires_grad:
+            x.register_hook(self._store(self.g_post_lc, layer - 1))
+        leaf = x.detach().requires_grad_(True)
+        self._track(leaf, self.pre, layer, self.g_pre)
+        return leaf
+
+    def on_block_output(self, layer, out):
+        if self.layer_causal and self.want_grads and layer < self.n_layers - 1:
+            self.out_last[layer] = out[:, -1]
 
     def on_mid(self, layer, x):
         self._track(x, self.mid, layer, self.g_mid)
@@ -152,7 +217,10 @@ class Recorder:
                  ("pre", "mid", "q", "k", "v", "o", "a", "mask", "g_pre", "g_mid", "g_o")}
         final, g_final = cpu(self.final), cpu(self.g_final)
         lists["post"] = lists["pre"][1:] + [final]
-        lists["g_post"] = lists["g_pre"][1:] + [g_final]
+        if self.layer_causal:
+            lists["g_post"] = [cpu(t) for t in self.g_post_lc[:-1]] + [g_final]
+        else:
+            lists["g_post"] = lists["g_pre"][1:] + [g_final]
         if self.parallel:  # mid is not a tensor of the graph: its gradient is the block output's
             lists["g_mid"] = list(lists["g_post"])
         lists["scaling"] = list(self.scaling)
@@ -163,6 +231,13 @@ def _args_hidden(args, kwargs):
     if args:
         return args[0]
     return kwargs.get("hidden_states")
+
+
+def _replace_hidden(args, kwargs, new):
+    """(args, kwargs) of a block call with its hidden-states input replaced by `new`."""
+    if args:
+        return (new, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": new}
 
 
 @contextmanager
@@ -184,9 +259,15 @@ def installed(model, adapter: Adapter, rec: Recorder):
             rec.layer_of_attn[id(block.get_submodule(adapter.attn))] = layer
 
             def pre_block(mod, args, kwargs, layer=layer):
-                rec.on_block_input(layer, _args_hidden(args, kwargs))
+                new = rec.on_block_input(layer, _args_hidden(args, kwargs))
+                return None if new is None else _replace_hidden(args, kwargs, new)
 
             handles.append(block.register_forward_pre_hook(pre_block, with_kwargs=True))
+            if rec.layer_causal:
+                def post_block(mod, args, output, layer=layer):
+                    rec.on_block_output(layer, output)
+
+                handles.append(block.register_forward_hook(post_block))
             if rec.parallel:
                 def attn_out(mod, args, output, layer=layer):
                     rec.on_attn_output(layer, output[0] if isinstance(output, tuple) else output)
@@ -251,30 +332,131 @@ def input_device(model, adapter: Adapter) -> torch.device:
     return module_device(model.get_submodule(adapter.embed))
 
 
+@dataclass
+class PatchContext:
+    """What a patch sees while it installs itself into one run (see lensviz/patches/).
+
+    Hooks registered through `pre_hook` / `forward_hook` run before lensviz's recording hooks and are
+    removed when the run ends, also if it raises."""
+
+    model: object
+    adapter: Adapter
+    dims: Dims
+    rec: Recorder
+    stack: ExitStack
+    input_ids: torch.Tensor
+    segments: list
+    target_id: int | None
+    base: object = None  # an unpatched Trace of the same prompt and target, when the run has one
+    lens: object = None
+    model_kwargs: dict = field(default_factory=dict)
+
+    def block(self, layer: int):
+        return self.adapter.blocks_of(self.model)[layer]
+
+    def part(self, layer: int, name: str):
+        return self.adapter.part(self.model, layer, name)
+
+    def pre_hook(self, module, fn, with_kwargs: bool = False) -> None:
+        handle = module.register_forward_pre_hook(fn, prepend=True, with_kwargs=with_kwargs)
+        self.stack.callback(handle.remove)
+
+    def forward_hook(self, module, fn) -> None:
+        handle = module.register_forward_hook(fn, prepend=True)
+        self.stack.callback(handle.remove)
+
+    def replace_block_input(self, layer: int, fn) -> None:
+        """fn(hidden [B, T, D]) -> new hidden, for block `layer`'s input."""
+        def hook(mod, args, kwargs):
+            return _replace_hidden(args, kwargs, fn(_args_hidden(args, kwargs)))
+
+        self.pre_hook(self.block(layer), hook, with_kwargs=True)
+
+
+@contextmanager
+def reused_prefix(model, adapter: Adapter, base_post: list, upto: int, device_of):
+    """Blocks 0..upto-1 return their recorded outputs instead of computing (forward-only re-runs that
+    change nothing before block `upto`). Restores each block's own `forward` on exit."""
+    blocks = adapter.blocks_of(model)
+    saved = []
+    try:
+        for layer in range(upto):
+            block = blocks[layer]
+            saved.append((block, "forward" in block.__dict__, block.__dict__.get("forward")))
+            out = base_post[layer]
+
+            def cached(*args, out=out, **kwargs):
+                x = _args_hidden(args, kwargs)
+                return out.to(device=x.device, dtype=x.dtype).unsqueeze(0)
+
+            block.forward = cached
+        yield
+    finally:
+        for block, had, fwd in saved:
+            if had:
+                block.forward = fwd
+            else:
+                del block.forward
+
+
 def run(model, adapter: Adapter, dims: Dims, input_ids: torch.Tensor, resolve_target: Callable,
-        *, backward: bool = True, prob_edits: dict | None = None, extra: ExitStack | None = None) -> dict:
-    """One forward (and backward) pass on `input_ids` [T].
+        *, backward: bool = True, gradient: str = "standard", patches=(), segments=None,
+        fixed_target: int | None = None, base=None, reuse_upto: int = 0, lens=None) -> dict:
+    """One forward (and backward) pass on `input_ids` [T], with `patches` installed for this run only.
 
     `resolve_target(last_logits [V]) -> int` picks the explained token once the logits exist.
-    Returns the recorded tensors (see `Recorder.finish`) plus `logits` [T, V], `target_id`, `loss`.
+    gradient="layer_causal": each block's input is detached and its gradient comes from its own
+    logit-lens loss at the last position (research/methods-2.md §6).
+    `base` (an unpatched Trace of the same ids) with `reuse_upto` > 0 and backward=False: blocks before
+    `reuse_upto` are not recomputed; their records are copied from `base`.
+    Returns the recorded tensors (see `Recorder.finish`) plus `logits` [T, V], `target_id`, `loss`,
+    and `layer_losses` in layer-causal mode.
     """
     rec = Recorder(dims.n_layers, adapter.is_parallel(model.config), backward)
-    rec.prob_edits = dict(prob_edits or {})
+    rec.layer_causal = gradient == "layer_causal"
     ids = input_ids.to(input_device(model, adapter)).unsqueeze(0)
-    with frozen_eval(model), installed(model, adapter, rec), torch.set_grad_enabled(backward):
+    reuse_upto = reuse_upto if (base is not None and not backward) else 0
+    with ExitStack() as stack:
+        stack.enter_context(frozen_eval(model))
+        stack.enter_context(installed(model, adapter, rec))
+        ctx = PatchContext(model, adapter, dims, rec, stack, input_ids, segments, fixed_target, base, lens)
+        for patch in patches:
+            patch.install(ctx)
+        if reuse_upto:
+            stack.enter_context(reused_prefix(model, adapter, base._data["post"], reuse_upto, None))
+        stack.enter_context(torch.set_grad_enabled(backward))
         embeds = model.get_submodule(adapter.embed)(ids)
         if backward:
             embeds = embeds.detach().requires_grad_(True)
-        out = model(inputs_embeds=embeds, use_cache=False)
+        out = model(inputs_embeds=embeds, use_cache=False, **ctx.model_kwargs)
         logits = out.logits[0]
         last = logits[-1]
         target_id = int(resolve_target(last.detach()))
-        logp = torch.log_softmax(last.float() if last.dtype in (torch.float16, torch.bfloat16) else last, dim=-1)
-        loss = -logp[target_id]
+        loss = _nll(last, target_id)
+        layer_losses = None
+        total = loss
+        if rec.layer_causal and backward:
+            norm, unembed = model.get_submodule(adapter.final_norm), model.get_submodule(adapter.unembed)
+            early = [_nll(unembed(norm(h))[0], target_id) for h in rec.out_last[:-1]]
+            layer_losses = [float(x.detach()) for x in early] + [float(loss.detach())]
+            total = sum(early, loss)
         if backward:
-            loss.backward()
+            total.backward()
     data = rec.finish()
+    if reuse_upto:
+        for name in ("pre", "mid", "q", "k", "v", "o", "a", "mask", "scaling"):
+            for layer in range(reuse_upto):
+                data[name][layer] = base._data[name][layer]
     data["logits"] = logits.detach().to("cpu")
     data["target_id"] = target_id
     data["loss"] = float(loss.detach())
+    data["layer_losses"] = layer_losses
+    data["attn_edits"] = dict(rec.attn_edits)
     return data
+
+
+def _nll(last_logits: torch.Tensor, target_id: int) -> torch.Tensor:
+    x = last_logits.float() if last_logits.dtype in (torch.float16, torch.bfloat16) else last_logits
+    if x.dim() == 2:
+        x = x[-1] if x.shape[0] > 1 else x[0]
+    return -torch.log_softmax(x, dim=-1)[target_id]

@@ -15,7 +15,7 @@ from .adapters import adapter_for
 from .errors import LensvizError, UnsupportedModelError
 from .trace import Trace
 
-GRADIENT_MODES = ("standard",)
+GRADIENT_MODES = ("standard", "layer_causal")
 
 
 class Lens:
@@ -207,11 +207,18 @@ class Lens:
         return self.tokenizer.decode([int(token_id)])
 
     # tracing -----------------------------------------------------------------------------------------
-    def trace(self, prompt, target=None, *, patches=(), backward: bool = True, gradient: str = "standard") -> Trace:
+    def trace(self, prompt, target=None, *, patches=(), backward: bool = True, gradient: str = "standard",
+              base: Trace | None = None) -> Trace:
         """Run one forward (and backward) pass on `prompt` and record it.
 
         prompt: str or list of str segments. target: None (the model's own top-1 at the last position),
         str (its first token) or int id. The loss is L = -log softmax(logits[-1])[target].
+        patches: interventions for this run only (lensviz.patches); they compose in the given order.
+        gradient: "standard", or "layer_causal" (each layer's gradient from its own logit-lens loss, with
+        its input detached; `Trace.layer_losses` holds those losses).
+        base: an unpatched trace of the same prompt and target, reused by patches that need one
+        (self-patching, neuron "on", shift edits) and, with backward=False, to skip recomputing the
+        blocks before the first patched layer.
         Returns a `Trace`; its tensors are on CPU.
         """
         if not isinstance(backward, bool):
@@ -220,18 +227,37 @@ class Lens:
             raise LensvizError(f"gradient must be one of {GRADIENT_MODES}, got {gradient!r}")
         if not isinstance(patches, (tuple, list)):
             raise LensvizError(f"patches must be a tuple or list of patches, got {type(patches).__name__}")
-        if patches:
-            raise LensvizError("this version of lensviz has no patch types yet; pass patches=()")
+        from .patches.base import Patch
+
+        for p in patches:
+            if not isinstance(p, Patch):
+                raise LensvizError(f"patches must be lensviz patches (e.g. lv.HeadAblation), got {type(p).__name__}")
         if backward and torch.is_inference_mode_enabled():
             raise LensvizError("lens.trace(backward=True) cannot run inside torch.inference_mode(): gradients need "
                                "autograd. Leave the inference_mode block, or pass backward=False")
         ids, segments = self.encode(prompt)
         fixed = None if target is None else self.token_id(target)
+        for p in patches:
+            p.validate(self, len(ids))
+        if base is not None:
+            if not isinstance(base, Trace) or base._lens is not self:
+                raise LensvizError("base must be a Trace made by this Lens")
+            if not torch.equal(base.input_ids, ids) or (fixed is not None and base.target_id != fixed):
+                raise LensvizError("base must be a trace of the same prompt and target")
+            if base.patches:
+                raise LensvizError("base must be an unpatched trace")
+        elif any(p.needs_base for p in patches):
+            base = self.trace(prompt, target)
+        if fixed is None and base is not None:
+            fixed = base.target_id  # a patched run explains the same token as its base
+        reuse = min((p.first_layer(self) for p in patches), default=0) if patches else 0
 
         def resolve(last_logits):
             return int(last_logits.argmax()) if fixed is None else fixed
 
-        data = capture.run(self.model, self.adapter, self.dims, ids, resolve, backward=backward)
+        data = capture.run(self.model, self.adapter, self.dims, ids, resolve, backward=backward, gradient=gradient,
+                           patches=tuple(patches), segments=segments if not isinstance(prompt, str) else None,
+                           fixed_target=fixed, base=base, reuse_upto=reuse, lens=self)
         tid = data["target_id"]
         return Trace(
             tokens=[self.decode(i) for i in ids.tolist()],
@@ -244,6 +270,10 @@ class Lens:
             has_backward=backward,
             _data=data,
             _lens=self,
+            gradient=gradient,
+            patches=tuple(patches),
+            layer_losses=data.pop("layer_losses"),
+            prompt=prompt if isinstance(prompt, str) else list(prompt),
         )
 
 

@@ -51,6 +51,10 @@ class Trace:
     has_backward: bool
     _data: dict = field(repr=False)
     _lens: object = field(repr=False)
+    gradient: str = "standard"
+    patches: tuple = ()
+    layer_losses: list | None = None  # gradient="layer_causal": each layer's logit-lens NLL of the target
+    prompt: object = None  # the prompt as given (str or list of segments)
 
     # shape helpers ---------------------------------------------------------------------------------
     @property
@@ -101,11 +105,33 @@ class Trace:
         t = len(self)
         return causal_allowed(self._data["mask"][layer], t, t)
 
-    def attention(self, layer: int) -> torch.Tensor:
-        """Forward attention probabilities A [H, T, T] (rows sum to 1; zero above the diagonal)."""
-        layer = self._layer(layer)
+    def _edit(self, layer: int):
+        return self._data.get("attn_edits", {}).get(layer)
+
+    def _softmax(self, layer: int) -> torch.Tensor:
+        """softmax of the (possibly patched, e.g. top-k) scores: the A that Reversed Attention differentiates."""
         q, k, _ = self.qkv(layer)
-        return attention_probs(q, k, self._data["scaling"][layer], self._allowed(layer))
+        edit = self._edit(layer)
+        if edit is None or not edit.scores:
+            return attention_probs(q, k, self._data["scaling"][layer], self._allowed(layer))
+        from .capture import explicit_attention  # noqa: F401  (same edits as the run)
+
+        k = repeat_kv(k, q.shape[-3] // k.shape[-3])
+        scores = torch.matmul(q, k.transpose(-1, -2)) * self._data["scaling"][layer]
+        scores = scores.masked_fill(~self._allowed(layer), float("-inf"))[None]
+        for fn in edit.scores:
+            scores = fn(scores, slice(0, len(self)))
+        return torch.softmax(scores, dim=-1)[0]
+
+    def attention(self, layer: int) -> torch.Tensor:
+        """Attention probabilities A [H, T, T] the model used (rows sum to 1; zero above the diagonal).
+        Under an AttentionPatch this is A' = A + eta * P; under TopKAttention the sparsified softmax."""
+        layer = self._layer(layer)
+        probs = self._softmax(layer)
+        edit = self._edit(layer)
+        for fn in (edit.probs if edit is not None else ()):
+            probs = fn(probs[None], slice(0, len(self)))[0]
+        return probs
 
     def head_output_grad(self, layer: int) -> torch.Tensor:
         """delta_O [H, T, d]: dL/d of each head's output before W_O (the o_proj input)."""
@@ -119,7 +145,7 @@ class Trace:
         Rows sum to 0; zero above the diagonal."""
         layer = self._layer(layer)
         delta = self.head_output_grad(layer)
-        a = self.attention(layer)
+        a = self._softmax(layer)
         v = repeat_kv(self._data["v"][layer], self.dims.n_heads // self.dims.n_kv_heads)
         g = torch.matmul(delta, v.transpose(-1, -2))
         return self._data["scaling"][layer] * a * (g - (a * g).sum(-1, keepdim=True))

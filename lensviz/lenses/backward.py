@@ -1,0 +1,312 @@
+"""Backward Lens (Katz et al., EMNLP 2024): vocabulary projections of the low-rank factors of the MLP
+weight gradients (FF1 forward inputs x, FF2 VJPs delta), the gradients rebuilt from those factors, and
+the "imprint" (FF1) / "shift" (FF2) readouts of one SGD step. Spec: research/methods-ra-bl-visit.md §2.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import LensvizError
+from .vocab import TopK
+
+FF1_PARTS = ("mlp_in", "mlp_gate")
+FF_PARTS = FF1_PARTS + ("mlp_out",)
+
+
+# helpers -----------------------------------------------------------------------------------------
+def _layers(trace, layers) -> list[int]:
+    if layers is None:
+        return list(range(trace.n_layers))
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        layers = [layers]
+    if not isinstance(layers, (list, tuple, range)) or len(layers) == 0:
+        raise LensvizError(f"layers must be None, an int or a non-empty list of ints, got {layers!r}")
+    return [trace._layer(layer) for layer in layers]
+
+
+def _need_backward(trace) -> None:
+    if not trace.has_backward:
+        raise LensvizError("the Backward Lens needs gradients: this trace was run with backward=False")
+
+
+def resolve_normalize(trace, normalize) -> bool:
+    """`normalize=None` -> True on LayerNorm models (the final LayerNorm's eps and bias make gradient
+    rankings depend on |v|, research §0), False on RMSNorm models (scale-invariant and odd)."""
+    if normalize is None:
+        return trace.adapter.norm == "layernorm"
+    if not isinstance(normalize, bool):
+        raise LensvizError(f"normalize must be None (auto), True or False, got {normalize!r}")
+    return normalize
+
+
+def _check_sign(sign) -> int:
+    if isinstance(sign, bool) or sign not in (1, -1):
+        raise LensvizError(f"sign must be 1 (project delta) or -1 (project -delta), got {sign!r}")
+    return int(sign)
+
+
+def _topk_data(top: TopK) -> dict:
+    return {"ids": top.ids.tolist(), "tokens": top.tokens, "probs": top.probs.tolist()}
+
+
+# (a) the projection tables -----------------------------------------------------------------------
+@dataclass(eq=False)
+class ProjectionGrid:
+    """One Backward Lens table over [L, T] cells (L = len(layers)).
+
+    top, bottom: TopK with ids/probs [L, T, k] (bottom: least probable first); target_rank [L, T]
+    (rank of the trace's target in the projection, 0 = most probable); norm [L, T]: the Euclidean norm
+    of the projected vector before any normalisation (|x| for FF1, |delta| for FF2)."""
+
+    top: TopK
+    bottom: TopK
+    target_rank: torch.Tensor
+    norm: torch.Tensor
+
+    def to_data(self) -> dict:
+        return {"top": _topk_data(self.top), "bottom": _topk_data(self.bottom),
+                "target_rank": self.target_rank.tolist(), "norm": self.norm.double().tolist()}
+
+
+@dataclass(eq=False)
+class BackwardLensTable:
+    """Result of `backward_lens`: the FF1 table (projections of the FF1 inputs x) and the FF2 table
+    (projections of sign * delta, delta = dL/d(MLP output)), both over `layers` x prompt tokens.
+
+    Cell colour in the paper is |delta_FF2| in both tables: `delta_norm` [L, T] (= ff2.norm)."""
+
+    layers: list[int]
+    tokens: list[str]
+    target_id: int
+    target: str
+    k: int
+    normalize: bool
+    sign: int
+    vocab_size: int
+    ff1: ProjectionGrid
+    ff2: ProjectionGrid
+
+    @property
+    def delta_norm(self) -> torch.Tensor:
+        return self.ff2.norm
+
+    def to_data(self) -> dict:
+        """Plain-data form for the widget (lists, str, int, float, bool only; JSON-serialisable).
+        Nested lists are indexed [layer row][position][rank]; rows follow `layers`."""
+        return {"method": "backward_lens", "tokens": list(self.tokens), "layers": list(self.layers),
+                "target": self.target, "target_id": int(self.target_id), "k": int(self.k),
+                "normalize": bool(self.normalize), "sign": int(self.sign), "vocab_size": int(self.vocab_size),
+                "ff1": {"label": "FF1 inputs x (projection)", **self.ff1.to_data()},
+                "ff2": {"label": ("FF2 VJPs delta" if self.sign == 1 else "FF2 VJPs -delta") + " (projection)",
+                        **self.ff2.to_data()},
+                "delta_norm": self.ff2.norm.double().tolist()}
+
+    def __repr__(self) -> str:
+        return (f"BackwardLensTable(layers={len(self.layers)}, T={len(self.tokens)}, k={self.k}, "
+                f"target={self.target!r}, normalize={self.normalize}, sign={self.sign})")
+
+
+def _grid(lens, vectors: torch.Tensor, k: int, target_id: int, normalize: bool) -> ProjectionGrid:
+    top = lens.project(vectors, k, target=target_id, normalize=normalize)
+    bottom = lens.project(vectors, k, normalize=normalize, bottom=True)
+    return ProjectionGrid(top=top, bottom=bottom, target_rank=top.target_rank, norm=vectors.norm(dim=-1))
+
+
+def backward_lens(trace, k: int = 5, *, layers=None, normalize: bool | None = None, sign: int = 1) -> BackwardLensTable:
+    """The Backward Lens tables of a trace (research §2.2 / §2.4).
+
+    FF1: proj(x_i), x = `trace.mlp_input(l)` [T, D] (the input of FF1, the D-side factor of dL/dW_FF1).
+    FF2: proj(sign * delta_i), delta = `trace.mlp_output_grad(l)` [T, D] (the D-side factor of dL/dW_FF2).
+    Each table projects all L x T vectors in one batched `lens.project` call (plus one for the bottom-k).
+
+    k: tokens per cell. layers: None (all) or a list of layer indices (negative allowed); rows follow it.
+    normalize: project delta/|delta| instead of delta; None = auto (True for LayerNorm models, False for
+    RMSNorm). It applies to the gradient table (FF2) only: the FF1 inputs are forward activations and are
+    projected as they are, like the logit lens. sign: 1 projects delta, -1 projects -delta (on LayerNorm
+    models bottom-k of proj(delta) differs from top-k of proj(-delta); on RMSNorm they coincide).
+    Target ranks are for the trace's target. Returns `BackwardLensTable` with [L, T, k] ids/probs and
+    [L, T] target ranks and norms per table.
+    """
+    _need_backward(trace)
+    sign = _check_sign(sign)
+    normalize = resolve_normalize(trace, normalize)
+    rows = _layers(trace, layers)
+    lens = trace._lens
+    x = torch.stack([trace.mlp_input(layer) for layer in rows])  # [L, T, D]
+    delta = torch.stack([trace.mlp_output_grad(layer) for layer in rows])  # [L, T, D]
+    ff1 = _grid(lens, x, k, trace.target_id, normalize=False)
+    ff2 = _grid(lens, sign * delta, k, trace.target_id, normalize=normalize)
+    return BackwardLensTable(layers=rows, tokens=list(trace.tokens), target_id=trace.target_id, target=trace.target,
+                             k=k, normalize=normalize, sign=sign, vocab_size=lens.vocab_size, ff1=ff1, ff2=ff2)
+
+
+# (b) weight gradients from the low-rank factors ----------------------------------------------------
+def _check_part(trace, part: str, allowed=FF_PARTS) -> str:
+    present = tuple(p for p in allowed if getattr(trace.adapter, p) is not None)
+    if part not in present:
+        raise LensvizError(f"part must be one of {present} for {trace._lens.arch}, got {part!r}")
+    return part
+
+
+def ff1_output_grads(trace, layer: int) -> dict[str, torch.Tensor]:
+    """delta_FF1 = dL/d(FF1 output) [T, F] for each FF1 matrix of the layer ("mlp_in", and "mlp_gate" on
+    gated MLPs), keyed by part name.
+
+    The trace records delta only at the MLP output (delta_FF2). delta_FF1 is its vector-Jacobian product
+    back through the MLP's nonlinearity: the layer's own MLP module is run on x = mlp_input(layer) as a
+    function of its FF1 outputs (forward hooks substitute them), and `torch.func.vjp` of that function at
+    the recorded FF1 outputs is applied to delta_FF2. No activation formula is written here, so GELU,
+    SwiGLU (a = act(gate(x)) * up(x)) and any other MLP body come out exact."""
+    _need_backward(trace)
+    layer = trace._layer(layer)
+    from ..capture import module_device
+
+    lens, adapter = trace._lens, trace.adapter
+    block = adapter.blocks_of(lens.model)[layer]
+    mlp = block.get_submodule(adapter.mlp)
+    parts = [p for p in FF1_PARTS if getattr(adapter, p) is not None]
+    modules = [block.get_submodule(getattr(adapter, p)) for p in parts]
+    device = module_device(mlp)
+    x = trace.mlp_input(layer).to(device)[None]  # [1, T, D]
+    delta = trace.mlp_output_grad(layer).to(device)[None]
+
+    recorded: dict[int, torch.Tensor] = {}
+    subst: dict[int, torch.Tensor] = {}
+
+    def hook_for(j):
+        def hook(module, args, output):
+            if j in subst:
+                return subst[j]  # replaces the FF1 output by the function's argument
+            recorded[j] = output.detach()
+            return None
+        return hook
+
+    handles = [m.register_forward_hook(hook_for(j)) for j, m in enumerate(modules)]
+    try:
+        with torch.no_grad():
+            mlp(x)
+        primals = tuple(recorded[j] for j in range(len(modules)))
+
+        def mlp_of_ff1(*hs):
+            subst.update(enumerate(hs))
+            return mlp(x)
+
+        out, vjp_fn = torch.func.vjp(mlp_of_ff1, *primals)
+        grads = vjp_fn(delta.to(out.dtype))
+    finally:
+        for h in handles:
+            h.remove()
+    return {p: g[0].detach().to("cpu") for p, g in zip(parts, grads)}
+
+
+@dataclass(eq=False)
+class WeightGradient:
+    """dL/dW of one MLP matrix rebuilt from its factors: dL/dW = sum_i delta_i x_i^T (research §2.1).
+
+    inputs [T, in]: the forward inputs x_i of the matrix (FF1: mlp_input; FF2: activations a).
+    vjps [T, out]: delta_i = dL/d(matrix output)_i. weight: dL/dW in the module's own layout
+    ([out, in] for nn.Linear, [in, out] for Conv1D). bias: sum_i delta_i [out], or None where the
+    module has no bias. rank(weight) <= number of positions with delta_i != 0."""
+
+    layer: int
+    part: str
+    inputs: torch.Tensor
+    vjps: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+    def __repr__(self) -> str:
+        return f"WeightGradient(layer={self.layer}, part={self.part!r}, weight={tuple(self.weight.shape)})"
+
+
+def weight_gradient(trace, layer: int, part: str) -> WeightGradient:
+    """dL/dW (and dL/db) of an MLP matrix from the trace, without autograd on the parameters.
+
+    part: "mlp_out" (FF2; factors a = mlp_activations, delta_FF2 = mlp_output_grad), "mlp_in" or
+    "mlp_gate" (FF1; factors x = mlp_input, delta_FF1 from `ff1_output_grads`). The weight gradient is
+    returned in the module's layout (adapter.weight_layout)."""
+    _need_backward(trace)
+    layer = trace._layer(layer)
+    part = _check_part(trace, part)
+    if part == "mlp_out":
+        x, delta = trace.mlp_activations(layer), trace.mlp_output_grad(layer)
+    else:
+        x, delta = trace.mlp_input(layer), ff1_output_grads(trace, layer)[part]
+    grad_in_out = x.T @ delta  # [in, out] = sum_i x_i delta_i^T
+    weight = grad_in_out if trace.adapter.weight_layout == "conv1d" else grad_in_out.T.contiguous()
+    module = trace.adapter.part(trace._lens.model, layer, part)
+    if tuple(weight.shape) != tuple(module.weight.shape):
+        raise LensvizError(f"{part} of layer {layer}: rebuilt gradient has shape {tuple(weight.shape)} but the "
+                           f"weight is {tuple(module.weight.shape)}; the adapter's weight_layout is wrong")
+    bias = delta.sum(0) if getattr(module, "bias", None) is not None else None
+    return WeightGradient(layer=layer, part=part, inputs=x, vjps=delta, weight=weight, bias=bias)
+
+
+# (c) imprint and shift ---------------------------------------------------------------------------
+def shift_tokens(trace, layer: int, position: int = -1, k: int = 10, *, normalize: bool | None = None) -> TopK:
+    """The tokens an SGD step writes through FF2 at one position (research §2.3, "shift"): each active
+    neuron's value moves along -delta_i, so this is the top-k of proj(-delta_i), delta = mlp_output_grad.
+
+    On RMSNorm models this is exactly the bottom-k of proj(delta) (the authors' readout; RMSNorm is odd).
+    On LayerNorm models the two differ (LN(-v) != -LN(v)); this function follows the written vector -delta,
+    and `backward_lens(...).ff2.bottom` gives the bottom-k of proj(delta). normalize: as in `backward_lens`.
+    Returns TopK with ids/probs [k] and target_rank [] (0 = the target is the token written most)."""
+    _need_backward(trace)
+    layer = trace._layer(layer)
+    from ..trace import check_index
+
+    position = check_index(position, len(trace), "position")
+    delta = trace.mlp_output_grad(layer)[position]
+    return trace._lens.project(-delta, k, target=trace.target_id, normalize=resolve_normalize(trace, normalize))
+
+
+@dataclass(eq=False)
+class Imprint:
+    """FF1 "imprint" of one SGD step (research §2.3): neuron n's key moves along
+    u_n = -sum_i delta_FF1_i[n] x_i, a mix of the layer's forward inputs weighted by the neuron's VJPs.
+
+    neurons [N]; weights [N, T] = -delta_FF1[:, n] (the coefficient of x_i in u_n); update_norm [N] = |u_n|;
+    tokens: TopK of proj(u_n) with ids/probs [N, k] and target_rank [N]."""
+
+    layer: int
+    part: str
+    neurons: torch.Tensor
+    weights: torch.Tensor
+    update_norm: torch.Tensor
+    tokens: TopK
+    normalize: bool
+
+    def to_data(self) -> dict:
+        return {"method": "imprint", "layer": self.layer, "part": self.part, "neurons": self.neurons.tolist(),
+                "weights": self.weights.double().tolist(), "update_norm": self.update_norm.double().tolist(),
+                "normalize": self.normalize, **_topk_data(self.tokens),
+                "target_rank": self.tokens.target_rank.tolist()}
+
+
+def imprint_tokens(trace, layer: int, k: int = 10, *, neurons=None, top: int = 5, part: str = "mlp_in",
+                   normalize: bool | None = None) -> Imprint:
+    """The FF1 imprint readout: project each selected neuron's key update u_n = -sum_i delta_FF1_i[n] x_i
+    (minus the gradient's key for neuron n: Linear row n / Conv1D column n of dL/dW_FF1).
+
+    neurons: list of neuron indices, or None for the `top` neurons whose keys move most (largest |u_n|).
+    part: "mlp_in" or (gated MLPs) "mlp_gate". normalize: as in `backward_lens` (u_n has gradient scale)."""
+    part = _check_part(trace, part, FF1_PARTS)
+    grad = weight_gradient(trace, layer, part)
+    u = -(grad.vjps.T @ grad.inputs)  # [F, D]: row n = -sum_i delta_i[n] x_i
+    norms = u.norm(dim=-1)
+    if neurons is None:
+        if isinstance(top, bool) or not isinstance(top, int) or not 1 <= top <= u.shape[0]:
+            raise LensvizError(f"top must be an int in [1, {u.shape[0]}], got {top!r}")
+        idx = norms.topk(top).indices
+    else:
+        from ..trace import check_index
+
+        if isinstance(neurons, int):
+            neurons = [neurons]
+        idx = torch.tensor([check_index(n, u.shape[0], "neuron") for n in neurons], dtype=torch.long)
+    normalize = resolve_normalize(trace, normalize)
+    tokens = trace._lens.project(u[idx], k, target=trace.target_id, normalize=normalize)
+    return Imprint(layer=grad.layer, part=part, neurons=idx, weights=-grad.vjps[:, idx].T, update_norm=norms[idx],
+                   tokens=tokens, normalize=normalize)

@@ -1,0 +1,106 @@
+"""Ablations: zero attention heads (their slice of the output-projection input) and set FFN neurons
+(the LM-Debugger on/off switches, methods-2 §1.4)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import LensvizError
+from ..trace import check_index
+from .base import Patch, check_heads, check_number, check_positions
+
+NEURON_MODES = ("set", "scale", "on")
+
+
+@dataclass(frozen=True)
+class HeadAblation(Patch):
+    """Zero heads' outputs O_h (the input slice of W_O) at every position of `layer`."""
+
+    layer: int
+    heads: object
+
+    def validate(self, lens, n_tokens):
+        check_index(self.layer, lens.n_layers, "layer")
+        if self.heads is None:
+            raise LensvizError("heads must be an int or a list of head indices")
+        check_heads(self.heads, lens)
+
+    def first_layer(self, lens) -> int:
+        return check_index(self.layer, lens.n_layers, "layer")
+
+    def install(self, ctx):
+        heads = list(check_heads(self.heads, ctx.lens))
+
+        def zero(out):  # [B, H, T, d]
+            out = out.clone()
+            out[:, heads] = 0
+            return out
+
+        ctx.rec.edit(self.first_layer(ctx.lens)).outputs.append(zero)
+
+
+@dataclass(frozen=True)
+class NeuronPatch(Patch):
+    """Set FFN activations m_i (the input of the MLP output matrix) of `neurons` in `layer`.
+
+    mode "set": m_i = value; "scale": m_i *= value; "on": m_i = the layer's largest sub-update score
+    |m_j|·||v_j|| at the last position of the unpatched run, plus 0.01 (LM-Debugger's "on" value,
+    applied to m_i directly since SwiGLU has no single pre-activation). positions: None = all.
+    """
+
+    layer: int
+    neurons: object
+    value: float = 0.0
+    mode: str = "set"
+    positions: object = None
+
+    @property
+    def needs_base(self) -> bool:
+        return self.mode == "on"
+
+    def _neurons(self, lens):
+        items = [self.neurons] if isinstance(self.neurons, int) and not isinstance(self.neurons, bool) else self.neurons
+        try:
+            items = list(items)
+        except TypeError:
+            raise LensvizError(f"neurons must be an int or a list of ints, got {self.neurons!r}") from None
+        if not items:
+            raise LensvizError("neurons is empty")
+        return sorted({check_index(n, lens.d_mlp, "neuron") for n in items})
+
+    def validate(self, lens, n_tokens):
+        check_index(self.layer, lens.n_layers, "layer")
+        self._neurons(lens)
+        check_number(self.value, "value")
+        if self.mode not in NEURON_MODES:
+            raise LensvizError(f"mode must be one of {NEURON_MODES}, got {self.mode!r}")
+        check_positions(self.positions, n_tokens)
+
+    def first_layer(self, lens) -> int:
+        return check_index(self.layer, lens.n_layers, "layer")
+
+    def on_value(self, base) -> float:
+        """LM-Debugger's "on" coefficient for this layer: max_j |m_j|·||v_j|| at the last position + 0.01."""
+        layer = self.first_layer(base._lens)
+        w = base.adapter.as_in_out(base._lens.weight(layer, "mlp_out"))  # [F, D]
+        scores = base.mlp_activations(layer)[-1].abs() * w.norm(dim=-1).to(base.mlp_activations(layer).dtype)
+        return float(scores.max()) + 0.01
+
+    def install(self, ctx):
+        lens = ctx.lens
+        layer, neurons = self.first_layer(lens), self._neurons(lens)
+        positions = check_positions(self.positions, len(ctx.input_ids))
+        value = self.on_value(ctx.base) if self.mode == "on" else float(self.value)
+        rows = slice(None) if positions is None else list(positions)
+
+        def hook(mod, args):
+            a = args[0].clone()
+            sel = a[:, rows][..., neurons]
+            new = sel * value if self.mode == "scale" else torch.full_like(sel, value)
+            block = a[:, rows]
+            block[..., neurons] = new
+            a[:, rows] = block
+            return (a, *args[1:])
+
+        ctx.pre_hook(ctx.part(layer, "mlp_out"), hook)
