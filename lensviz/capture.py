@@ -153,6 +153,7 @@ class Recorder:
         self.out_last = [None] * n  # layer-causal: graph-connected block outputs at the last position
         self.final = None
         self.g_final = None
+        self.done = False
 
     def _store(self, store: list, layer: int) -> Callable:
         def hook(grad):
@@ -191,6 +192,8 @@ class Recorder:
         self.a[layer] = a[0].detach()
 
     def on_final(self, x):
+        if self.done:  # the run's own forward is over (layer-causal losses reuse the final norm)
+            return
         self.final = x[0].detach()
         if self.want_grads and x.requires_grad:
             def hook(grad):
@@ -435,6 +438,7 @@ def run(model, adapter: Adapter, dims: Dims, input_ids: torch.Tensor, resolve_ta
         loss = _nll(last, target_id)
         layer_losses = None
         total = loss
+        rec.done = True
         if rec.layer_causal and backward:
             norm, unembed = model.get_submodule(adapter.final_norm), model.get_submodule(adapter.unembed)
             early = [_nll(unembed(norm(h))[0], target_id) for h in rec.out_last[:-1]]
