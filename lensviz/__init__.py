@@ -12,6 +12,23 @@ from .patches import (ActivationPatch, AttentionPatch, HeadAblation, NeuronPatch
                       TopKAttention, compare)
 from .trace import Trace
 
-__all__ = ["ActivationPatch", "AttentionPatch", "HeadAblation", "Lens", "LensvizError", "NeuronPatch", "SegmentMask",
+
+
+def __getattr__(name):  # the widget pulls in anywidget; import it only when asked for
+    if name == "Explorer":
+        from .views.explorer import Explorer
+
+        return Explorer
+    raise AttributeError(f"module 'lensviz' has no attribute {name!r}")
+
+
+def load_ipython_extension(ipython):
+    """`%load_ext lensviz` registers the %%lensviz cell magic."""
+    from .views.magic import load_ipython_extension as load
+
+    load(ipython)
+
+
+__all__ = ["Explorer", "ActivationPatch", "AttentionPatch", "HeadAblation", "Lens", "LensvizError", "NeuronPatch", "SegmentMask",
            "ShiftEdit", "TopKAttention", "Trace", "UnsupportedModelError", "compare", "load"]
 __version__ = "0.1.0"

@@ -1,0 +1,254 @@
+"""The Explorer: one anywidget with linked views over a trace, re-running the model when the prompt,
+target or patch set changes. Small traitlets are the state; heavy arrays travel as binary buffers,
+in the initial state only for the logit-lens grid and head norms, the rest on request per view.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+
+import anywidget
+import traitlets
+
+from .. import patches as P
+from ..errors import LensvizError
+from ..trace import SITES, check_index
+from . import payload
+
+STATIC = pathlib.Path(__file__).parent / "static"
+VIEW_MODULES = ("util", "tokens", "logitlens", "attention", "neurons", "backward", "flow", "patches")
+GRADIENT_TABS = ("reversed", "backward", "flow")
+TABS = ("attention", "reversed", "neurons", "backward", "flow", "masks")
+
+
+def view_sources() -> dict[str, str]:
+    """The ES modules of the views, shipped in lensviz/views/static (loaded by explorer.js)."""
+    return {name: (STATIC / f"{name}.js").read_text() for name in VIEW_MODULES if (STATIC / f"{name}.js").exists()}
+
+
+def _int_list(value, what):
+    if isinstance(value, bool) or not isinstance(value, (list, tuple)) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise LensvizError(f"{what} must be a list of ints, got {value!r}")
+    return list(value)
+
+
+def patch_from_spec(spec, lens, base) -> P.Patch:
+    """A Patch from a widget message ({"type": ..., ...}); nonsense values raise LensvizError."""
+    if not isinstance(spec, dict) or "type" not in spec:
+        raise LensvizError(f"a patch must be an object with a 'type', got {spec!r}")
+    kind = spec["type"]
+    num = lambda key, default=None: P.base.check_number(spec.get(key, default), key)  # noqa: E731
+    if kind == "attention":
+        layers = spec.get("layers")
+        heads = spec.get("heads")
+        return P.AttentionPatch(num("eta"), layers=None if layers is None else _int_list(layers, "layers"),
+                                heads=None if heads is None else _int_list(heads, "heads"))
+    if kind == "ablate":
+        return P.HeadAblation(check_index(spec.get("layer"), lens.n_layers, "layer"), _int_list(spec.get("heads"), "heads"))
+    if kind == "neuron":
+        mode = spec.get("mode", "set")
+        return P.NeuronPatch(check_index(spec.get("layer"), lens.n_layers, "layer"),
+                             [check_index(spec.get("neuron"), lens.d_mlp, "neuron")], num("value", 0.0), mode=mode)
+    if kind == "topk":
+        k = spec.get("k")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise LensvizError(f"k must be a positive int, got {k!r}")
+        return P.TopKAttention(k)
+    if kind == "segments":
+        return P.SegmentMask("auto" if spec.get("auto") else None)
+    raise LensvizError(f"unknown patch type {kind!r}; allowed: attention, ablate, neuron, topk, segments")
+
+
+def patch_code(patches) -> str:
+    """The Python call that reproduces a patch set ("copy as code")."""
+    def fmt(p):
+        fields = {k: v for k, v in p.__dict__.items() if v is not None}
+        return f"lv.{type(p).__name__}(" + ", ".join(f"{k}={v!r}" for k, v in fields.items()) + ")"
+
+    return "(" + ", ".join(fmt(p) for p in patches) + ("," if len(patches) == 1 else "") + ")"
+
+
+class Explorer(anywidget.AnyWidget):
+    """Linked views of one prompt: token strip, logit lens, attention / Reversed Attention, neurons,
+    Backward Lens, flow graph and a patch panel that re-runs the model.
+
+        ex = lv.Explorer(lens, "I like Italy and France. I visited the city of", target=" Florence")
+        ex   # display it; ex.trace is the current Trace, ex.base the unpatched one
+    """
+
+    _esm = STATIC / "explorer.js"
+    _css = STATIC / "style.css"
+    _modules = traitlets.Dict().tag(sync=True)
+    model_name = traitlets.Unicode("").tag(sync=True)
+    prompt = traitlets.Unicode("").tag(sync=True)
+    target = traitlets.Unicode("").tag(sync=True)
+    tokens = traitlets.List().tag(sync=True)
+    summary = traitlets.Dict().tag(sync=True)
+    base_summary = traitlets.Dict().tag(sync=True)
+    diff = traitlets.Dict().tag(sync=True)
+    selection = traitlets.Dict().tag(sync=True)
+    site = traitlets.Unicode("post").tag(sync=True)
+    tab = traitlets.Unicode("attention").tag(sync=True)
+    grid_meta = traitlets.Dict().tag(sync=True)
+    grid_ids = traitlets.Bytes(b"").tag(sync=True)
+    grid_probs = traitlets.Bytes(b"").tag(sync=True)
+    grid_ranks = traitlets.Bytes(b"").tag(sync=True)
+    norms_meta = traitlets.Dict().tag(sync=True)
+    norms = traitlets.Bytes(b"").tag(sync=True)
+    patches = traitlets.List().tag(sync=True)
+    done_seq = traitlets.Int(0).tag(sync=True)
+    status = traitlets.Unicode("").tag(sync=True)
+    error = traitlets.Unicode("").tag(sync=True)
+    code = traitlets.Unicode("").tag(sync=True)
+
+    def __init__(self, lens, prompt, target=None, **kwargs):
+        from ..lens import Lens
+
+        if not isinstance(lens, Lens):
+            raise LensvizError(f"Explorer needs a lensviz Lens (lv.load() or lv.Lens(model, tokenizer)), got {type(lens).__name__}")
+        super().__init__(**kwargs)
+        self.lens = lens
+        self.base = None
+        self.trace = None
+        self._patch_objs: tuple = ()
+        self.model_name = getattr(lens.model.config, "_name_or_path", "") or type(lens.model).__name__
+        self._modules = view_sources()
+        self.on_msg(self._on_msg)
+        self.run(prompt, target)
+
+    def __repr__(self) -> str:
+        n = len(self.trace) if self.trace is not None else 0
+        return f"Explorer({self.lens.arch}, {n} tokens, target={self.summary.get('target')!r}, patches={len(self.patches)})"
+
+    # running ---------------------------------------------------------------------------------------
+    def run(self, prompt=None, target=None, patches=None) -> None:
+        """Re-run on a new prompt / target / patch set (None keeps the current one). Errors raise."""
+        prompt = self.prompt if prompt is None else prompt
+        target = (self.target or None) if target is None else (target or None)
+        specs = list(self.patches) if patches is None else list(patches)
+        t0 = time.perf_counter()
+        new_base = (self.base is None or prompt != self.base.prompt or
+                    (target is not None and self.lens.token_id(target) != self.base.target_id) or
+                    (target is None and self.target))
+        base = self.lens.trace(prompt, target) if new_base else self.base
+        objs = tuple(patch_from_spec(s, self.lens, base) for s in specs)
+        if objs:
+            tr = self.lens.trace(prompt, base.target_id, patches=objs, base=base,
+                                 backward=self.tab in GRADIENT_TABS)
+        else:
+            tr = base
+        elapsed = time.perf_counter() - t0
+        self.base, self.trace, self._patch_objs = base, tr, objs
+        with self.hold_sync():
+            self.prompt = prompt if isinstance(prompt, str) else "".join(prompt)
+            self.target = "" if target is None else (target if isinstance(target, str) else self.lens.decode(target))
+            self.patches = specs
+            self.tokens = list(tr.tokens)
+            self.summary = payload.summary(self.lens, tr, elapsed)
+            self.base_summary = payload.summary(self.lens, base)
+            self.diff = P.compare(base, tr) if objs else {}
+            self.code = patch_code(objs) if objs else ""
+            sel = dict(self.selection or {})
+            t = len(tr)
+            if not isinstance(sel.get("position"), int) or not 0 <= sel["position"] < t or new_base:
+                sel["position"] = t - 1
+            sel.setdefault("layer", self.lens.n_layers - 1)
+            sel.setdefault("head", 0)
+            self.selection = sel
+            self._send_grid()
+            meta, (buf,) = payload.head_norms(tr)
+            self.norms_meta, self.norms = meta, buf
+            self.error = ""
+            self.status = f"{t} tokens · ran in {elapsed:.2f} s"
+
+    def _send_grid(self):
+        meta, (ids, probs, ranks) = payload.logit_lens_grid(self.trace, self.site)
+        self.grid_meta, self.grid_ids, self.grid_probs, self.grid_ranks = meta, ids, probs, ranks
+
+    @traitlets.observe("site")
+    def _site_changed(self, change):
+        if self.trace is None:
+            return
+        if change["new"] not in SITES:
+            self.error = f"site must be one of {SITES}"
+            self.site = change["old"]
+            return
+        self._send_grid()
+
+    @traitlets.observe("tab")
+    def _tab_changed(self, change):
+        if change["new"] not in TABS:
+            self.error = f"unknown tab {change['new']!r}"
+            return
+        if self.trace is not None and change["new"] in GRADIENT_TABS and not self.trace.has_backward:
+            self._guarded(lambda: self.run())
+
+    # messages from the browser ---------------------------------------------------------------------
+    def _guarded(self, fn):
+        try:
+            return fn()
+        except LensvizError as e:
+            self.error = str(e)
+        except Exception as e:  # never let a widget message crash the kernel
+            self.error = f"{type(e).__name__}: {e}"
+
+    def _on_msg(self, widget, content, buffers):
+        if not isinstance(content, dict):
+            return
+        kind = content.get("type")
+        if kind == "run":
+            def go():
+                self.run(content.get("prompt"), content.get("target", ""), content.get("patches", []))
+                self.done_seq = int(content.get("seq", 0)) if isinstance(content.get("seq", 0), int) else 0
+            self._guarded(go)
+            if self.error:
+                self.done_seq = int(content.get("seq", 0)) if isinstance(content.get("seq", 0), int) else 0
+        elif kind == "get":
+            rid = content.get("id")
+            try:
+                meta, bufs = self.answer(content)
+                self.send({"type": "reply", "id": rid, "what": content.get("what"), "meta": meta}, bufs)
+            except LensvizError as e:
+                self.send({"type": "reply", "id": rid, "what": content.get("what"), "error": str(e)})
+            except Exception as e:
+                self.send({"type": "reply", "id": rid, "what": content.get("what"), "error": f"{type(e).__name__}: {e}"})
+
+    def answer(self, req: dict) -> tuple[dict, list]:
+        """Data for one on-demand request from a view: (meta, buffers). Raises LensvizError on bad input."""
+        tr, lens = self.trace, self.lens
+        what = req.get("what")
+        layer = lambda: check_index(req.get("layer"), lens.n_layers, "layer")  # noqa: E731
+        head = lambda: check_index(req.get("head"), lens.n_heads, "head")  # noqa: E731
+        pos = lambda: check_index(req.get("position"), len(tr), "position")  # noqa: E731
+        kind = req.get("kind", "forward")
+        if kind not in ("forward", "reversed"):
+            raise LensvizError(f"kind must be 'forward' or 'reversed', got {kind!r}")
+        if what == "attention":
+            return payload.attention_map(tr, layer(), head(), kind)
+        if what == "thumbs":
+            return payload.thumbnails(tr, layer(), kind)
+        if what == "cell":
+            site = req.get("site", self.site)
+            if site not in SITES:
+                raise LensvizError(f"site must be one of {SITES}")
+            return payload.cell_topk(tr, layer(), pos(), site), []
+        if what == "neurons":
+            return payload.neurons(tr, layer(), pos()), []
+        if what == "backward":
+            return payload.backward_table(tr)
+        if what == "flow":
+            layers = req.get("layers")
+            return payload.flow_graph(tr, pos(), None if layers is None else _int_list(layers, "layers")), []
+        if what == "search":
+            return payload.value_search(lens, req.get("token")), []
+        if what == "masks":
+            return payload.masks(tr), []
+        raise LensvizError(f"unknown request {what!r}")
+
+    def to_json(self) -> str:
+        """The synced state as JSON (bytes as lists) — for debugging and tests."""
+        state = self.get_state()
+        return json.dumps({k: (list(v) if isinstance(v, (bytes, memoryview)) else v) for k, v in state.items()},
+                          default=str)

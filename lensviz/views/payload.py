@@ -1,0 +1,163 @@
+"""Trace -> compact payloads for the browser: small dicts plus binary buffers (little-endian int32,
+uint8/int8 quantised maps), never [layers, T, V] or T x T JSON lists. Each function serves one view.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..lenses import reversed as rev
+
+
+def _i32(x: torch.Tensor) -> bytes:
+    return x.to(torch.int32).contiguous().numpy().tobytes()
+
+
+def _u8(x01: torch.Tensor) -> bytes:
+    """Values in [0, 1] -> uint8 0..255."""
+    return (x01.float().clamp(0, 1) * 255).round().to(torch.uint8).contiguous().numpy().tobytes()
+
+
+def _i8(x: torch.Tensor) -> tuple[bytes, float]:
+    """Signed values -> int8 -127..127 and the scale (max |x|) that maps them back."""
+    scale = float(x.abs().max()) if x.numel() else 0.0
+    q = (x.double() / scale * 127).round() if scale > 0 else torch.zeros_like(x, dtype=torch.float64)
+    return q.to(torch.int8).contiguous().numpy().tobytes(), scale
+
+
+def strings_for(lens, ids: torch.Tensor) -> dict[str, str]:
+    """{id: text} for the distinct ids shown (token text is untrusted: the browser escapes it)."""
+    table = lens.token_strings
+    return {str(i): table[i] for i in sorted(set(ids.reshape(-1).tolist()))}
+
+
+def summary(lens, trace, elapsed: float | None = None) -> dict:
+    """Numbers for the header line: prediction, target probability and rank, loss, sizes."""
+    logp = torch.log_softmax(trace.logits[-1].double(), -1)
+    top = logp.topk(5)
+    tid = trace.target_id
+    return {
+        "n_tokens": len(trace), "n_layers": lens.n_layers, "n_heads": lens.n_heads, "d_mlp": lens.d_mlp,
+        "vocab_size": lens.vocab_size,
+        "target": trace.target, "target_id": tid, "target_prob": float(logp[tid].exp()),
+        "target_rank": int((logp > logp[tid]).sum()), "loss": trace.loss,
+        "top": [{"token": lens.token_strings[int(i)], "prob": float(p.exp())} for p, i in zip(top.values, top.indices)],
+        "seconds": elapsed, "backward": trace.has_backward, "gradient": trace.gradient,
+    }
+
+
+def logit_lens_grid(trace, site: str = "post") -> tuple[dict, list[bytes]]:
+    """Top-1 token per (layer, position): meta + [ids int32 [L,T], probs uint8 [L,T], target rank int32 [L,T]]."""
+    ll = trace.logit_lens(k=1, site=site)
+    ids = ll.ids[..., 0]
+    meta = {"site": site, "shape": list(ids.shape), "strings": strings_for(trace._lens, ids)}
+    return meta, [_i32(ids), _u8(ll.probs[..., 0]), _i32(ll.target_rank)]
+
+
+def cell_topk(trace, layer: int, position: int, site: str = "post", k: int = 10) -> dict:
+    """Top-k tokens of one logit-lens cell with probabilities and the target's rank."""
+    v = trace.resid(layer, site)[position]
+    top = trace._lens.project(v, k=k, target=trace.target_id)
+    return {"layer": int(layer), "position": int(position), "site": site, "target_rank": int(top.target_rank),
+            "norm": float(v.norm()),
+            "top": [{"token": t, "prob": float(p)} for t, p in zip(top.tokens, top.probs.tolist())]}
+
+
+def head_norms(trace) -> tuple[dict, list[bytes]]:
+    """||A||_F and ||RA||_F per head: meta + [float32 [2, L, H]] (RA rows are 0 without a backward pass)."""
+    fwd = rev.head_norms(trace, "forward")
+    back = rev.head_norms(trace, "reversed") if trace.has_backward else torch.zeros_like(fwd)
+    both = torch.stack([fwd, back]).float()
+    return {"shape": list(both.shape), "has_reversed": trace.has_backward}, [both.contiguous().numpy().tobytes()]
+
+
+def attention_map(trace, layer: int, head: int, kind: str = "forward") -> tuple[dict, list[bytes]]:
+    """One head's T x T map: forward A as uint8 (0..1), reversed RA as int8 with its scale."""
+    if kind == "forward":
+        m = trace.attention(layer)[head]
+        return {"layer": layer, "head": head, "kind": kind, "n": m.shape[0], "scale": 1.0, "dtype": "u8"}, [_u8(m)]
+    m = trace.reversed_attention(layer)[head]
+    data, scale = _i8(m)
+    return {"layer": layer, "head": head, "kind": kind, "n": m.shape[0], "scale": scale, "dtype": "i8"}, [data]
+
+
+def thumbnails(trace, layer: int, kind: str = "forward", size: int = 32) -> tuple[dict, list[bytes]]:
+    """All heads of one layer, average-pooled to at most size x size: uint8 (forward) / int8 (reversed)."""
+    maps = trace.attention(layer) if kind == "forward" else trace.reversed_attention(layer)
+    t = maps.shape[-1]
+    if t > size:
+        maps = torch.nn.functional.adaptive_avg_pool2d(maps[None].double(), size)[0]
+    n = maps.shape[-1]
+    if kind == "forward":
+        return {"layer": layer, "kind": kind, "n": n, "heads": maps.shape[0], "dtype": "u8",
+                "scale": 1.0}, [_u8(maps / maps.amax(dim=(-1, -2), keepdim=True).clamp_min(1e-12))]
+    data, scale = _i8(maps)
+    return {"layer": layer, "kind": kind, "n": n, "heads": maps.shape[0], "dtype": "i8", "scale": scale}, [data]
+
+
+# views built on the lenses ------------------------------------------------------------------------------
+def neurons(trace, layer: int, position: int, k: int = 10) -> dict:
+    """LM-Debugger at one layer and position: before/after predictions and the top sub-updates with
+    their (sign-corrected) value-vector tokens."""
+    from ..lenses.neurons import debugger_view
+
+    view = debugger_view(trace, position=position, k=k, value_k=6, layers=[layer])
+    row = view["layers"][0]
+    return {"layer": int(layer), "position": int(view["position"]),
+            "before": [{"token": t["token"], "prob": t["prob"]} for t in row["before"]],
+            "after": [{"token": t["token"], "prob": t["prob"]} for t in row["after"]],
+            "subupdates": [{"neuron": s["dim"], "coef": s["coeff"], "score": s["score"],
+                            "tokens": [t["token"] for t in s["tokens"]]} for s in row["sub_updates"]]}
+
+
+def backward_table(trace) -> tuple[dict, list[bytes]]:
+    """Backward Lens top-1 / bottom-1 per (layer, position) for FF1 inputs and FF2 gradients:
+    [ff1 top, ff1 bottom, ff2 top, ff2 bottom] int32 [L, T], ||delta|| float32, ff2 and ff1 target ranks int32."""
+    from ..lenses.backward import backward_lens
+
+    bl = backward_lens(trace, k=1)
+    parts = [bl.ff1.top.ids[..., 0], bl.ff1.bottom.ids[..., 0], bl.ff2.top.ids[..., 0], bl.ff2.bottom.ids[..., 0]]
+    strings = strings_for(trace._lens, torch.stack(parts))
+    meta = {"shape": list(parts[0].shape), "strings": strings, "normalize": bl.ff2.normalize
+            if hasattr(bl.ff2, "normalize") else None}
+    bufs = [_i32(p) for p in parts] + [bl.ff2.norm.float().contiguous().numpy().tobytes(),
+                                       _i32(bl.ff2.target_rank), _i32(bl.ff1.target_rank)]
+    return meta, bufs
+
+
+FLOW_ROWS = {"block_input": 0, "attn_input": 1, "qkv": 2, "head_query": 3, "memory_key": 4, "memory_value": 5,
+             "head_output": 6, "concat": 7, "wo_neuron": 8, "attn_output": 9, "residual_after_attn": 10,
+             "mlp_input": 11, "mlp_key": 12, "mlp_value": 13, "mlp_output": 14, "block_output": 15}
+
+
+def flow_graph(trace, position: int, layers=None) -> dict:
+    """The VISIT graph (plain data) with a drawing row per node (layer-major, stage-minor)."""
+    from ..lenses.visit import visit_graph
+
+    g = visit_graph(trace, position=position, layers=layers, n_heads=4, n_wo_top=4, n_wo_bottom=2,
+                    n_mlp_top=6, n_mlp_bottom=3)
+    n_stages = max(FLOW_ROWS.values()) + 1
+    for node in g["nodes"]:
+        node["row"] = (node.get("layer") or 0) * n_stages + FLOW_ROWS.get(node["kind"], 7)
+    return g
+
+
+def value_search(lens, token) -> dict:
+    """Value vectors whose projection has `token` in its top tokens (index built once per model, cached)."""
+    from ..errors import LensvizError
+    from ..lenses.neurons import build_value_index
+
+    if not isinstance(token, str) or not token:
+        raise LensvizError("search needs a token (text)")
+    index = getattr(lens, "_value_index", None)
+    if index is None:
+        index = lens._value_index = build_value_index(lens)
+    hits = index.query(token, limit=20)
+    return {"hits": [{"layer": h["layer"], "dim": h["dim"], "rank": h["rank"], "logit": h["logit"],
+                      "tokens": [t["token"] if isinstance(t, dict) else str(t)
+                                 for t in index.value_tokens(h["layer"], h["dim"])[:6]]} for h in hits]}
+
+
+def masks(trace) -> dict:
+    """The attention mask each query used (segment masks included) as 0/1 rows, with the tokens."""
+    allowed = trace._allowed(0)
+    return {"tokens": list(trace.tokens), "mask": allowed.int().tolist(), "segments": [list(s) for s in trace.segments]}

@@ -1,0 +1,92 @@
+// Attention and Reversed Attention: per-head norm grid (click selects layer and head), the selected
+// layer's head thumbnails, and one large T x T map (triangle masked; RA on a diverging scale).
+export function mount(ctx, box, kind) {
+  const { h, show, clip, f32, u8, i8, green, diverging, drawMap } = ctx.util;
+  const m = ctx.model;
+  let alive = true, both = false, token = 0;
+  const norms = h("div", { class: "lv-norms" });
+  const thumbs = h("div", { class: "lv-thumbs" });
+  const bigs = h("div", { class: "lv-bigs" });
+  const note = h("div", { class: "lv-note" });
+  const side = kind === "reversed" ? h("label", { class: "lv-side" },
+    h("input", { type: "checkbox", class: "lv-side-by-side", onchange: (e) => { both = e.target.checked; drawBig(); } }),
+    " side by side with forward") : null;
+  box.append(h("div", { class: "lv-title" }, h("b", { text: kind === "reversed" ? "Reversed Attention ‖RA‖" : "Attention ‖A‖" }),
+    " per head (click to select) ", side), norms, thumbs, note, bigs);
+
+  function drawNorms() {
+    const meta = m.get("norms_meta"); if (!meta || !meta.shape) return;
+    const [, L, H] = meta.shape, all = f32(m.get("norms")), off = kind === "reversed" ? L * H : 0;
+    const sel = m.get("selection") || {};
+    let max = 0; for (let i = 0; i < L * H; i++) max = Math.max(max, all[off + i]);
+    const rows = [h("tr", {}, h("th", { text: "" }), ...Array.from({ length: H }, (_, k) => h("th", { text: "H" + k })))];
+    for (let l = L - 1; l >= 0; l--) {
+      const cells = [h("th", { text: "L" + l })];
+      for (let k = 0; k < H; k++) {
+        const v = all[off + l * H + k], t = max > 0 ? v / max : 0;
+        cells.push(h("td", { class: "lv-norm-cell" + (l === sel.layer && k === sel.head ? " lv-selected" : ""),
+          "data-layer": l, "data-head": k, title: `L${l}H${k}: ${v.toPrecision(3)}`,
+          style: { background: kind === "reversed" ? `rgba(84,39,143,${t})` : green(t) },
+          onclick: () => ctx.select({ layer: l, head: k }) }));
+      }
+      rows.push(h("tr", {}, ...cells));
+    }
+    norms.replaceChildren(h("table", { class: "lv-norm-grid" }, ...rows));
+    const ranked = [];
+    for (let l = 0; l < L; l++) for (let k = 0; k < H; k++) ranked.push([all[off + l * H + k], l, k]);
+    ranked.sort((a, b) => b[0] - a[0]);
+    note.replaceChildren(h("span", { text: "top heads: " }), ...ranked.slice(0, 6).map(([v, l, k]) =>
+      h("button", { class: "lv-chip lv-top-head", text: `L${l}H${k} ${v.toPrecision(2)}`, onclick: () => ctx.select({ layer: l, head: k }) })));
+    if (kind === "reversed" && !meta.has_reversed) note.append(h("span", { text: " (no backward pass yet)" }));
+  }
+
+  async function drawThumbs() {
+    const sel = m.get("selection") || {}, my = ++token;
+    try {
+      const { meta, buffers } = await ctx.request("thumbs", { layer: sel.layer, kind });
+      if (!alive || my !== token) return;
+      const vals = meta.dtype === "u8" ? u8(buffers[0]) : i8(buffers[0]), n = meta.n, px = Math.max(1, Math.floor(48 / n));
+      thumbs.replaceChildren(...Array.from({ length: meta.heads }, (_, k) => {
+        const c = h("canvas", { class: "lv-thumb" + (k === sel.head ? " lv-selected" : ""), title: `L${sel.layer}H${k}`, "data-head": k });
+        drawMap(c, n, (i, j) => vals[k * n * n + i * n + j] / (meta.dtype === "u8" ? 255 : 127),
+          meta.dtype === "u8" ? green : diverging, px);
+        c.addEventListener("click", () => ctx.select({ head: k }));
+        return c;
+      }));
+    } catch (e) { thumbs.textContent = String(e.message || e); }
+  }
+
+  async function oneMap(k, sel) {
+    const { meta, buffers } = await ctx.request("attention", { layer: sel.layer, head: sel.head, kind: k });
+    const n = meta.n, vals = meta.dtype === "u8" ? u8(buffers[0]) : i8(buffers[0]);
+    const px = Math.max(2, Math.min(24, Math.floor(420 / n)));
+    const canvas = h("canvas", { class: "lv-map lv-map-" + k, "data-layer": sel.layer, "data-head": sel.head });
+    drawMap(canvas, n, (i, j) => vals[i * n + j] / (meta.dtype === "u8" ? 255 : 127), k === "forward" ? green : diverging, px);
+    const g = canvas.getContext("2d");
+    if (sel.position !== undefined) { g.strokeStyle = "#f0a"; g.lineWidth = 2; g.strokeRect(0, sel.position * px, (sel.position + 1) * px, px); }
+    canvas.addEventListener("click", (e) => {
+      const r = canvas.getBoundingClientRect(), i = Math.floor((e.clientY - r.top) / px);
+      if (i >= 0 && i < n) ctx.select({ position: i });
+    });
+    const toks = m.get("tokens");
+    const label = `${k === "forward" ? "A" : "RA"} L${sel.layer}H${sel.head}` +
+      (k === "reversed" ? ` (max |RA| ${meta.scale.toPrecision(3)}; red < 0 < blue)` : "") +
+      ` · row = query ${sel.position} ${clip(show(toks[sel.position] || ""), 12)}`;
+    return h("figure", { class: "lv-fig" }, canvas, h("figcaption", { text: label }));
+  }
+
+  async function drawBig() {
+    const sel = m.get("selection") || {}, my = ++token;
+    try {
+      const kinds = kind === "reversed" && both ? ["forward", "reversed"] : [kind];
+      const figs = [];
+      for (const k of kinds) figs.push(await oneMap(k, sel));
+      if (alive && my === token) bigs.replaceChildren(...figs);
+    } catch (e) { if (alive) bigs.textContent = String(e.message || e); }
+  }
+  const redraw = () => { drawNorms(); drawThumbs().then(drawBig); };
+  const onSel = redraw, onNorms = redraw;
+  m.on("change:selection", onSel); m.on("change:norms", onNorms);
+  redraw();
+  return { destroy() { alive = false; m.off("change:selection", onSel); m.off("change:norms", onNorms); } };
+}

@@ -1,0 +1,67 @@
+// Header (prompt, target, run, status, prediction and patched diff) and the token strip.
+export function mount(ctx, header, strip) {
+  const { h, show, pct } = ctx.util;
+  const m = ctx.model;
+  const prompt = h("textarea", { class: "lv-prompt", rows: 2, "aria-label": "prompt" });
+  const target = h("input", { class: "lv-target", type: "text", placeholder: "(model's top-1)", "aria-label": "target" });
+  const runBtn = h("button", { class: "lv-run", text: "Run" });
+  const status = h("div", { class: "lv-status", role: "status" });
+  const pred = h("div", { class: "lv-pred" });
+  const error = h("div", { class: "lv-error", role: "alert" });
+  const go = () => ctx.run({ prompt: prompt.value, target: target.value });
+  runBtn.addEventListener("click", go);
+  prompt.addEventListener("keydown", (e) => { if (e.key === "Enter" && (e.ctrlKey || e.metaKey || e.shiftKey)) { e.preventDefault(); go(); } });
+  target.addEventListener("keydown", (e) => { if (e.key === "Enter") go(); });
+  header.append(h("div", { class: "lv-inputs" }, prompt,
+    h("label", { class: "lv-target-label" }, "target ", target), runBtn, h("span", { class: "lv-model", text: m.get("model_name") })),
+    h("div", { class: "lv-line" }, status, pred), error);
+
+  const syncHeader = () => {
+    if (document.activeElement !== prompt) prompt.value = m.get("prompt");
+    if (document.activeElement !== target) target.value = m.get("target");
+    const s = m.get("summary"), b = m.get("base_summary"), d = m.get("diff");
+    status.textContent = m.get("status");
+    pred.replaceChildren();
+    if (!s || s.target === undefined) return;
+    pred.append(h("span", { class: "lv-p" }, "p(", h("b", { class: "lv-tok", text: show(s.target) }), ") = ",
+      h("span", { class: "lv-target-prob", "data-prob": b.target_prob, text: pct(b.target_prob) }),
+      " rank ", h("span", { class: "lv-target-rank", text: String(b.target_rank) })));
+    if (d && d.prob_after !== undefined) {
+      const up = d.prob_after >= d.prob_before;
+      pred.append(h("span", { class: "lv-diff " + (up ? "lv-up" : "lv-down") }, " → patched: ",
+        h("span", { class: "lv-patched-prob", "data-prob": d.prob_after, text: pct(d.prob_after) }),
+        " rank ", h("span", { class: "lv-patched-rank", text: String(d.rank_after) }),
+        ` · KL ${d.kl.toFixed(3)} · top-1 ${show(d.top1_after)} · ${d.changes.length} cells changed`));
+    }
+    pred.append(h("span", { class: "lv-next" }, " next: ",
+      ...s.top.slice(0, 3).map((t) => h("span", { class: "lv-chip", text: `${show(t.token)} ${pct(t.prob)}` }))));
+  };
+  const syncError = () => { error.textContent = m.get("error"); };
+
+  const syncStrip = () => {
+    const toks = m.get("tokens"), sel = m.get("selection") || {};
+    const [a, b] = sel.range || [sel.position, sel.position];
+    strip.replaceChildren(...toks.map((t, i) => h("button", {
+      class: "lv-token" + (i >= Math.min(a, b) && i <= Math.max(a, b) ? " lv-selected" : ""),
+      "data-pos": i, title: `position ${i}: ${JSON.stringify(t)}`, text: show(t),
+      onclick: (e) => {
+        if (e.shiftKey) ctx.select({ range: [sel.position, i] });
+        else ctx.select({ position: i, range: null });
+      },
+    })));
+  };
+  strip.setAttribute("tabindex", "0");
+  strip.addEventListener("keydown", (e) => {
+    const sel = m.get("selection"), n = m.get("tokens").length;
+    if (e.key === "ArrowLeft" || e.key === "ArrowRight") {
+      e.preventDefault();
+      const p = Math.max(0, Math.min(n - 1, sel.position + (e.key === "ArrowLeft" ? -1 : 1)));
+      ctx.select({ position: p, range: null });
+    }
+  });
+  for (const k of ["prompt", "target", "summary", "base_summary", "diff", "status"]) m.on("change:" + k, syncHeader);
+  m.on("change:error", syncError);
+  m.on("change:tokens", syncStrip);
+  m.on("change:selection", syncStrip);
+  syncHeader(); syncStrip(); syncError();
+}
