@@ -1,7 +1,6 @@
-"""VISIT (Katz & Belinkov 2023; research/methods-ra-bl-visit.md §3): one forward pass at one position as
-a flow graph of residual-space vectors, each read through the vocabulary projection. Block and head
-decompositions, the exact QK bilinear forms, W_O / MLP neuron selection, the layer-norm "semantic
-filter", and `visit_graph`, a JSON-ready node/edge list for the widget and matplotlib.
+"""VISIT (Katz & Belinkov 2023; research §3): one forward pass at one position as a flow graph of residual
+vectors read through the vocabulary projection. Block/head decompositions, exact QK bilinear forms, W_O and
+MLP neurons, the LN "semantic filter", and `visit_graph`, JSON-ready nodes and edges for widget and matplotlib.
 """
 from __future__ import annotations
 
@@ -70,40 +69,55 @@ def _kv_head(lens) -> torch.Tensor:
     return torch.arange(lens.n_heads) // (lens.n_heads // lens.n_kv_heads)
 
 
+def _recorded_o(trace, layer: int) -> torch.Tensor:
+    """O [T, H, d]: the concatenated head outputs the run fed W_O (after any patch's output edits). Trace
+    records them but exposes only O_h W_O,h publicly; a `Trace.head_values(layer)` accessor would
+    replace this read of the recorded data."""
+    return trace._data["o"][layer].reshape(len(trace), trace.dims.n_heads, -1)
+
+
 def _is_parallel(trace) -> bool:
     return trace.adapter.is_parallel(trace._lens.model.config)
 
 
 def _log_probs(lens, rows: torch.Tensor):
-    """Yield (start, log softmax(W_U N_f(v)) [c, V] in float64) for row chunks of rows [N, D]: the full
-    distributions of the same projection `lens.project` ranks (needed for entropy, p(target) and KL)."""
+    """Yield (start, log softmax(W_U N_f(v)) [c, V]) for row chunks of rows [N, D]: the full distributions
+    of the projection `lens.project` ranks (needed for entropy, p(target) and KL). Computed in float32, or
+    float64 for float64 models. (A wish for vocab.project: return these statistics from its own pass.)"""
     norm, unembed = lens.final_norm_module, lens.unembed_module
     device, dtype = lens.unembed_device, lens.model_dtype
-    chunk = max(1, vocab.CHUNK_BYTES // (8 * lens.vocab_size))
+    work = torch.promote_types(dtype, torch.float32)
+    chunk = max(1, vocab.CHUNK_BYTES // (work.itemsize * lens.vocab_size))
     with torch.no_grad():
         for start in range(0, rows.shape[0], chunk):
             v = rows[start:start + chunk].to(device=device, dtype=dtype)
-            yield start, torch.log_softmax(unembed(norm(v)).double(), dim=-1).cpu()
+            yield start, torch.log_softmax(unembed(norm(v)).to(work), dim=-1)
 
 
 def _entropy_and_target_prob(lens, rows: torch.Tensor, target_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Entropy in bits [N] and p(target) [N] of proj(v) for rows [N, D] (float64)."""
+    """Entropy in bits [N] and p(target) [N] of proj(v) for rows [N, D] (float64 on CPU)."""
     ent = torch.empty(rows.shape[0], dtype=torch.float64)
     p_t = torch.empty(rows.shape[0], dtype=torch.float64)
     for start, logp in _log_probs(lens, rows):
         n = logp.shape[0]
-        ent[start:start + n] = -(logp.exp() * logp).nan_to_num(0.0).sum(-1) / math.log(2)
-        p_t[start:start + n] = logp[:, target_id].exp()
+        ent[start:start + n] = (-(logp.exp() * logp).sum(-1) / math.log(2)).cpu()  # log_softmax is finite
+        p_t[start:start + n] = logp[:, target_id].exp().cpu()
     return ent, p_t
 
 
 def _kl(lens, p_rows: torch.Tensor, q_rows: torch.Tensor) -> torch.Tensor:
-    """KL(proj(p) || proj(q)) in nats, row by row: [N] (float64)."""
-    both = torch.cat([p_rows, q_rows])
+    """KL(proj(p) || proj(q)) in nats, row by row: [N] (float64 on CPU). p and q rows are projected in the
+    same chunks, so only one chunk of each distribution is held at a time."""
     n = p_rows.shape[0]
-    logs = torch.cat([logp for _, logp in _log_probs(lens, both)])
-    lp, lq = logs[:n], logs[n:]
-    return (lp.exp() * (lp - lq)).sum(-1)
+    out = torch.empty(n, dtype=torch.float64)
+    step = max(1, vocab.CHUNK_BYTES // (8 * lens.vocab_size))
+    for start in range(0, n, step):
+        pair = torch.cat([p_rows[start:start + step], q_rows[start:start + step]])
+        logs = torch.cat([logp for _, logp in _log_probs(lens, pair)])
+        m = logs.shape[0] // 2
+        lp, lq = logs[:m], logs[m:]
+        out[start:start + m] = (lp.exp() * (lp - lq)).sum(-1).cpu()
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -113,9 +127,10 @@ def _kl(lens, p_rows: torch.Tensor, q_rows: torch.Tensor) -> torch.Tensor:
 class AttentionParts:
     """The attention sublayer of one layer at one position t, as VISIT decomposes it.
 
-    attention [H, T]: A_h[t, :] (zero for j > t). o [H, d]: O_h,t = sum_j A_h[t, j] v_{g(h), j}, the head
-    outputs before W_O (GQA: kv head g(h) = h // n_rep). head_out [H, D]: O_h,t W_O,h. memory_values
-    [H, T, D]: v_{g(h), j} W_O,h, the memory entry j as head h writes it. bias [D] or None: b_O.
+    attention [H, T]: A_h[t, :] (zero for j > t). o [H, d]: O_h,t, the head outputs the run fed W_O
+    (= sum_j A_h[t, j] v_{g(h), j}, GQA kv head g(h) = h // n_rep, unless a patch edited the outputs,
+    e.g. HeadAblation zeroes them). head_out [H, D]: O_h,t W_O,h. memory_values [H, T, D]:
+    v_{g(h), j} W_O,h, the memory entry j as head h writes it. bias [D] or None: b_O.
     output [D]: sum_h head_out + b_O, the attention sublayer's output.
     """
 
@@ -139,7 +154,7 @@ def attention_parts(trace, layer: int, position: int = -1) -> AttentionParts:
     v = v[_kv_head(lens)]  # [H, T, d]
     w = lens.attention_weights(layer)
     w_o = w["o"].to(v.dtype)  # [H, d, D]
-    o = torch.einsum("hj,hjd->hd", a, v)
+    o = _recorded_o(trace, layer)[t]  # [H, d]
     head_out = torch.einsum("hd,hdD->hD", o, w_o)
     memory = torch.matmul(v, w_o)  # [H, T, D]
     bias = None if w["bo"] is None else w["bo"].to(v.dtype)
@@ -473,7 +488,7 @@ class _GraphBuilder:
         if n == 0:
             return [], []
         dtype = self.lens.model_dtype
-        rows = torch.stack([v.to(dtype) for v in self.vectors] + [v.to(dtype) for _, _, v in self.extras])
+        rows = torch.stack(self.vectors + [v for _, _, v in self.extras]).to(dtype)
         top = self.lens.project(rows, self.k, target=self.target_id)
         tops, ranks = self._tops(top), top.target_rank.tolist()
         entropy, p_target = _entropy_and_target_prob(self.lens, rows[:n], self.target_id)
@@ -581,7 +596,8 @@ def visit_graph(trace, position: int = -1, layers=None, n_heads: int = 10, n_mem
                 k: int = 5, target=None, scales: dict | None = None) -> dict:
     """The VISIT flow graph of `trace` at `position` (default the last token) for `layers` (None = all;
     an int or a list; shown in increasing order, consecutive blocks chained through their shared
-    residual node, gaps bridged by a "skipped_layers" edge).
+    residual node, gaps bridged by a "skipped_layers" edge). About 140 nodes per layer with the defaults;
+    all vectors are projected in one batched pass (SmolLM2: ~1-2 CPU-seconds for 3 layers).
 
     Every node is a residual-space vector read through proj(v) = softmax(W_U N_f(v)). Per block: the
     residual nodes, attn_input / mlp_input (norm outputs), attn_output / mlp_output; for the `n_heads`
@@ -593,7 +609,7 @@ def visit_graph(trace, position: int = -1, layers=None, n_heads: int = 10, n_mem
     a single norm). Query/key directions are labelled approx under RoPE.
 
     Returns plain data (json.dumps works): {"method", "arch", "position", "token", "tokens", "target",
-    "target_id", "layers", "parallel", "scales", "nodes", "edges"}. A node: {"id", "kind", "layer",
+    "target_id", "layers", "parallel", "approx_qk", "scales", "nodes", "edges"}. A node: {"id", "kind", "layer",
     "head", "label" (top-1 token; the bottom-1 token for neurons with negative activation), "top"
     ([{"token", "id", "prob"}] * k), "target_rank" (0 = most probable), "target_prob", "entropy" (bits),
     "norm", and kind-specific fields (position, token, attention, neuron, activation, score, approx,
