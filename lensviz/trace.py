@@ -150,6 +150,12 @@ class Trace:
         g = torch.matmul(delta, v.transpose(-1, -2))
         return self._data["scaling"][layer] * a * (g - (a * g).sum(-1, keepdim=True))
 
+    def head_values(self, layer: int) -> torch.Tensor:
+        """O_h [H, T, d]: each head's output before W_O, as the model fed it to the output projection
+        (ablations included)."""
+        layer = self._layer(layer)
+        return self._data["o"][layer].reshape(len(self), self.dims.n_heads, -1).transpose(0, 1)
+
     def head_outputs(self, layer: int) -> torch.Tensor:
         """Each head's write to the residual, O_h W_O,h: [H, T, D]. Their sum plus the o_proj bias is the
         attention output."""

@@ -70,10 +70,8 @@ def _kv_head(lens) -> torch.Tensor:
 
 
 def _recorded_o(trace, layer: int) -> torch.Tensor:
-    """O [T, H, d]: the concatenated head outputs the run fed W_O (after any patch's output edits). Trace
-    records them but exposes only O_h W_O,h publicly; a `Trace.head_values(layer)` accessor would
-    replace this read of the recorded data."""
-    return trace._data["o"][layer].reshape(len(trace), trace.dims.n_heads, -1)
+    """O [T, H, d]: the head outputs the run fed W_O (after any patch's output edits)."""
+    return trace.head_values(layer).transpose(0, 1)
 
 
 def _is_parallel(trace) -> bool:
