@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .adapters import Adapter, Dims
+from .errors import LensvizError
 
 IMPL_NAME = "lensviz"
 _ACTIVE: contextvars.ContextVar["Recorder | None"] = contextvars.ContextVar("lensviz_recorder", default=None)
@@ -400,6 +401,24 @@ def reused_prefix(model, adapter: Adapter, base_post: list, upto: int, device_of
                 block.forward = fwd
             else:
                 del block.forward
+
+
+@contextmanager
+def patched(model, adapter: Adapter, dims: Dims, patches, *, base=None, lens=None):
+    """Install `patches` (and lensviz's attention function) for any model call made inside, e.g.
+    `model.generate`; everything is removed on exit. Nothing is recorded for the caller."""
+    rec = Recorder(dims.n_layers, adapter.is_parallel(model.config), False)
+    ids = base.input_ids if base is not None else torch.zeros(0, dtype=torch.long)
+    with ExitStack() as stack:
+        stack.enter_context(installed(model, adapter, rec))
+        ctx = PatchContext(model, adapter, dims, rec, stack, ids, None, None if base is None else base.target_id,
+                           base, lens)
+        for patch in patches:
+            patch.install(ctx)
+        if ctx.model_kwargs:
+            raise LensvizError("this patch changes the model's inputs (e.g. SegmentMask) and works only inside "
+                               "lens.trace(..., patches=...)")
+        yield
 
 
 def run(model, adapter: Adapter, dims: Dims, input_ids: torch.Tensor, resolve_target: Callable,

@@ -207,6 +207,23 @@ class Lens:
         return self.tokenizer.decode([int(token_id)])
 
     # tracing -----------------------------------------------------------------------------------------
+    @contextmanager
+    def patched(self, *patches, base: Trace | None = None):
+        """Inside the block every call of `self.model` (forward, generate, ...) runs with `patches`;
+        on leaving, also by an exception, no hook remains and the attention implementation is restored.
+        Patches that need an unpatched run (self-patching AttentionPatch, NeuronPatch mode "on",
+        ShiftEdit) need `base`, a trace of the prompt they refer to. SegmentMask works only in `trace`."""
+        from .patches.base import Patch
+
+        for p in patches:
+            if not isinstance(p, Patch):
+                raise LensvizError(f"patched() takes lensviz patches, got {type(p).__name__}")
+            if p.needs_base and base is None:
+                raise LensvizError(f"{type(p).__name__} needs base=<a trace of the prompt it refers to>")
+            p.validate(self, len(base) if base is not None else None)
+        with capture.patched(self.model, self.adapter, self.dims, patches, base=base, lens=self):
+            yield self
+
     def trace(self, prompt, target=None, *, patches=(), backward: bool = True, gradient: str = "standard",
               base: Trace | None = None) -> Trace:
         """Run one forward (and backward) pass on `prompt` and record it.

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import LensvizError
@@ -30,10 +31,17 @@ def embedded_model_file() -> tuple[Path, str]:
     return folder, ggufs[0].name
 
 
-def _progress(enabled: bool) -> None:
+@contextmanager
+def _progress(enabled: bool):
+    """transformers' progress bars on or off inside, restored to what they were on exit."""
     from transformers.utils import logging as hf_logging
 
+    before = hf_logging.is_progress_bar_enabled()
     (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if before else hf_logging.disable_progress_bar)()
 
 
 def load(name: str | os.PathLike | None = None, *, dtype=None, progress: bool = True, **kwargs) -> Lens:
@@ -43,15 +51,20 @@ def load(name: str | os.PathLike | None = None, *, dtype=None, progress: bool = 
     "EleutherAI/pythia-70m"; or a local folder. dtype defaults to float32. Other keyword arguments go
     to `from_pretrained` (e.g. device_map="auto", revision=...). Shows a progress bar while loading.
     """
+    if progress not in (True, False):
+        raise LensvizError(f"progress must be True or False, got {progress!r}")
+    with _progress(progress):
+        return _load(name, dtype=dtype, **kwargs)
+
+
+def _load(name: str | os.PathLike | None = None, *, dtype=None, **kwargs) -> Lens:
+    """`load` without the progress-bar setting."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    if progress not in (True, False):
-        raise LensvizError(f"progress must be True or False, got {progress!r}")
     if not (dtype is None or isinstance(dtype, (torch.dtype, dict)) or dtype == "auto"
             or (isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype))):
         raise LensvizError(f"dtype must be a torch dtype (e.g. torch.float32), its name, or 'auto'; got {dtype!r}")
-    _progress(progress)
     dtype = torch.float32 if dtype is None else dtype
     offline = False
     if name is None:

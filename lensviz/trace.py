@@ -7,6 +7,7 @@ holds n_layers * H * T^2 floats.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -20,11 +21,14 @@ SITES = ("pre", "mid", "post")
 
 def check_index(value, size: int, what: str) -> int:
     """A 0-based index into `size` items (negative counts from the end), or a LensvizError."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
-            value = int(value)
-        else:
-            raise LensvizError(f"{what} must be an int in [{-size}, {size - 1}], got {value!r}")
+    ok = not isinstance(value, bool) and hasattr(value, "__index__")
+    if ok:
+        try:
+            value = operator.index(value)  # int, numpy integer, integer 0-d tensor
+        except TypeError:
+            ok = False
+    if not ok:
+        raise LensvizError(f"{what} must be an int in [{-size}, {size - 1}], got {value!r}")
     if not -size <= value < size:
         raise LensvizError(f"{what} {value} is out of range: this model has {size} ({-size}..{size - 1} allowed)")
     return value % size

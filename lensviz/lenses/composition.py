@@ -49,15 +49,15 @@ def factored_svd(a: torch.Tensor, b: torch.Tensor) -> HeadSVD:
     """SVD of the product a @ b without forming it: a [..., D_in, r], b [..., r, D_out] (r <= D).
 
     QR of a and of b^T, then the SVD of the r x r core R_a R_b^T (as TransformerLens' FactoredMatrix
-    does). Computed in float64, returned in a's dtype. Cost O(D r^2) per matrix."""
+    does). Computed in a's dtype (float32 at least). Cost O(D r^2) per matrix."""
     if a.dim() < 2 or b.dim() < 2 or a.shape[-1] != b.shape[-2]:
         raise LensvizError(f"factored_svd needs a [..., D, r] and b [..., r, D'], got {tuple(a.shape)} and "
                            f"{tuple(b.shape)}")
-    dtype = a.dtype
-    qa, ra = torch.linalg.qr(a.double())
-    qb, rb = torch.linalg.qr(b.double().mT)
+    dtype = a.dtype if a.dtype == torch.float64 else torch.float32
+    qa, ra = torch.linalg.qr(a.to(dtype))
+    qb, rb = torch.linalg.qr(b.to(dtype).mT)
     uc, s, vch = torch.linalg.svd(ra @ rb.mT)
-    return HeadSVD(U=(qa @ uc).to(dtype), S=s.to(dtype), V=(qb @ vch.mT).to(dtype))
+    return HeadSVD(U=qa @ uc, S=s, V=qb @ vch.mT)
 
 
 def factored_composition_score(a1: torch.Tensor, b1: torch.Tensor, a2: torch.Tensor,
@@ -141,7 +141,7 @@ def _factors(lens, modes, *, fold_norm, center, receiver):
     us, ss, vs = [], [], []
     ys = {m: [] for m in modes}
     for layer in range(lens.n_layers):
-        w = {n: t.double() for n, t in head_weights(lens, layer, fold_norm=fold_norm, center=center).items()}
+        w = {n: t.to(dtype) for n, t in head_weights(lens, layer, fold_norm=fold_norm, center=center).items()}
         ov = factored_svd(w["v"], w["o"])
         us.append(ov.U), ss.append(ov.S), vs.append(ov.V)
         if receiver == "read":  # R = W_Q, W_K or W_V itself: unchanged by a RoPE rotation R(delta)
@@ -156,8 +156,7 @@ def _factors(lens, modes, *, fold_norm, center, receiver):
                 ys[m].append(qk.V * qk.S[..., None, :])
             else:  # R = W_OV of the receiver
                 ys[m].append(ov.U * ov.S[..., None, :])
-    stack = lambda t: torch.stack(t).to(dtype)  # noqa: E731
-    return HeadSVD(stack(us), stack(ss), stack(vs)), {m: stack(y) for m, y in ys.items()}
+    return HeadSVD(torch.stack(us), torch.stack(ss), torch.stack(vs)), {m: torch.stack(y) for m, y in ys.items()}
 
 
 def _sender_layers(lens, sender_layers):
@@ -195,26 +194,54 @@ def _pair_projections(senders: torch.Tensor, receivers: torch.Tensor, layers, pe
     return out
 
 
-def _pair_grams(senders: torch.Tensor, receivers: torch.Tensor) -> torch.Tensor:
+class _Grams:
+    """Upper triangles of per-head Gram matrices x x^T ([D, D] -> D (D + 1) / 2 numbers), written into
+    reused buffers (fresh allocations of this size cost more in page faults than the products)."""
+
+    def __init__(self, big_d: int, n_h: int, dtype: torch.dtype):
+        iu = torch.triu_indices(big_d, big_d)
+        self.flat_idx = iu[0] * big_d + iu[1]
+        self.double = torch.where(iu[0] == iu[1], 1.0, 2.0).to(dtype)
+        self.gram = torch.empty(n_h, big_d, big_d, dtype=dtype)
+        self.size = self.flat_idx.numel()
+
+    def rows(self, x: torch.Tensor, out: torch.Tensor, sender: bool) -> torch.Tensor:
+        """x [n, H, D, k] -> out [n, H, D (D + 1) / 2]; off-diagonal entries doubled when `sender`, so a
+        dot product of a sender row and a receiver row is <G_a, K_b>_F."""
+        n_h, big_d = self.gram.shape[:2]
+        for i in range(x.shape[0]):
+            torch.matmul(x[i], x[i].mT, out=self.gram)
+            torch.index_select(self.gram.view(n_h, big_d * big_d), 1, self.flat_idx, out=out[i])
+            if sender:
+                out[i].mul_(self.double)
+        return out
+
+
+def _pair_grams(senders: torch.Tensor, receivers: dict) -> dict:
     """|S_a^T Y_b|_F^2 = <S_a S_a^T, Y_b Y_b^T>_F for every sender a and receiver b in a later layer.
 
-    senders [L, H, D, d], receivers [L, H, D, r] -> [L, H, L, H], NaN where the receiver is not later.
-    Each head's D x D Gram matrix is formed once (O(D^2 d)) and stored as its upper triangle
-    (off-diagonal terms doubled on the sender side), so a pair costs D (D + 1) / 2 multiply-adds
-    instead of d r D; no D x D product between two heads is ever formed."""
+    senders [L, H, D, d] (sender factors), receivers {mode: [L, H, D, r]} -> {mode: [L, H, L, H]}, NaN
+    where the receiver is not later. Each head's D x D Gram matrix is formed once (O(D^2 d)) and kept as
+    its upper triangle, so a pair costs D (D + 1) / 2 multiply-adds instead of d r D (the factored
+    form); no product of two heads' matrices is ever formed. Sender Grams are kept for all layers;
+    receiver Grams are formed a group of layers at a time (CHUNK_BYTES) and multiplied by all earlier
+    senders in one GEMM."""
     n_l, n_h, big_d, _ = senders.shape
-    iu = torch.triu_indices(big_d, big_d)
-    flat_idx = iu[0] * big_d + iu[1]
-    weight = torch.where(iu[0] == iu[1], 1.0, 2.0).to(senders.dtype)
-
-    def grams(x):  # [H, D, k] -> [H, D (D + 1) / 2]
-        return (x @ x.mT).reshape(x.shape[0], big_d * big_d)[:, flat_idx]
-
-    rec = torch.cat([grams(receivers[layer]) for layer in range(1, n_l)]) if n_l > 1 else None
-    out = torch.full((n_l, n_h, n_l, n_h), float("nan"), dtype=senders.dtype)
-    for l1 in range(n_l - 1):
-        s = grams(senders[l1]) * weight
-        out[l1, :, l1 + 1:] = (s @ rec[l1 * n_h:].mT).view(n_h, n_l - l1 - 1, n_h)
+    g = _Grams(big_d, n_h, senders.dtype)
+    out = {m: torch.full((n_l, n_h, n_l, n_h), float("nan"), dtype=senders.dtype) for m in receivers}
+    if n_l < 2:
+        return out
+    sender_rows = g.rows(senders[:-1], torch.empty(n_l - 1, n_h, g.size, dtype=senders.dtype), sender=True)
+    flat_senders = sender_rows.view(-1, g.size)
+    group = max(1, min(n_l - 1, CHUNK_BYTES // (n_h * g.size * senders.element_size())))
+    buf = torch.empty(group, n_h, g.size, dtype=senders.dtype)
+    for m, y in receivers.items():
+        for first in range(1, n_l, group):  # receiver layers [first, last)
+            last = min(n_l, first + group)
+            rec = g.rows(y[first:last], buf[:last - first], sender=False).view(-1, g.size)
+            block = (flat_senders[:(last - 1) * n_h] @ rec.mT).view(last - 1, n_h, last - first, n_h)
+            for j, l2 in enumerate(range(first, last)):
+                out[m][:l2, :, l2] = block[:l2, :, j]
     return out
 
 
@@ -236,8 +263,8 @@ def all_composition_scores(lens, modes=MODES, *, fold_norm: bool = False, center
     V^T Y of every pair (O(d r D) per pair, chunked GEMMs); method="gram" uses
     <V S^2 V^T, Y Y^T>_F over the upper triangle of per-head D x D Gram matrices formed once per head
     (O(D^2 / 2) per pair: d r > D / 2 holds for real models, e.g. 7x fewer operations on SmolLM2),
-    but it holds one Gram row per receiver head (N D^2 / 2 numbers). "auto" picks "gram" when it needs
-    fewer operations and its receiver Grams fit in GRAM_BYTES, else "factored"."""
+    but it holds the Gram rows of all sender heads (N D^2 / 2 numbers). "auto" picks "gram" when it needs
+    fewer operations (D < 2 d^2) and those rows fit in GRAM_BYTES, else "factored"."""
     modes = (modes,) if isinstance(modes, str) else tuple(modes)
     _check_options(modes, receiver)
     if method not in METHODS:
@@ -245,21 +272,19 @@ def all_composition_scores(lens, modes=MODES, *, fold_norm: bool = False, center
     sender, ys = _factors(lens, modes, fold_norm=fold_norm, center=center, receiver=receiver)
     weighted = sender.V * sender.S[..., None, :]  # |W_OV Y| = |diag(S) V^T Y|
     l_norm2 = sender.S.square().sum(-1)  # [L, H]
-    layers = range(lens.n_layers)
+    how = method
+    if how == "auto":
+        n, big_d = lens.n_layers * lens.n_heads, lens.d_model
+        fits = n * big_d * (big_d + 1) // 2 * sender.S.element_size() <= GRAM_BYTES
+        how = "gram" if fits and big_d + 1 < 2 * lens.d_head * lens.d_head else "factored"
+    if how == "gram":
+        nums = _pair_grams(weighted, ys)
+    else:
+        nums = {m: _pair_projections(weighted, y, range(lens.n_layers), per_component=False) for m, y in ys.items()}
     out = {}
     for m in modes:
-        y = ys[m]
-        r_norm2 = y.square().sum((-2, -1))  # [L, H]
-        how = method
-        if how == "auto":
-            n, big_d, r = lens.n_layers * lens.n_heads, lens.d_model, y.shape[-1]
-            fits = n * big_d * (big_d + 1) // 2 * y.element_size() <= GRAM_BYTES
-            how = "gram" if fits and big_d + 1 < 2 * lens.d_head * r else "factored"
-        if how == "gram":
-            num = _pair_grams(weighted, y)
-        else:
-            num = _pair_projections(weighted, y, layers, per_component=False)
-        out[m] = (num / (l_norm2[:, :, None, None] * r_norm2[None, None])).clamp(0, 1).sqrt()
+        r_norm2 = ys[m].square().sum((-2, -1))  # [L, H]
+        out[m] = (nums[m] / (l_norm2[:, :, None, None] * r_norm2[None, None])).clamp(0, 1).sqrt()
     return out
 
 

@@ -49,8 +49,15 @@ def input_embedding(lens) -> torch.Tensor:
 
 
 def right_inverse(e: torch.Tensor) -> torch.Tensor:
-    """E^+ [V, D] of E [D, V] (Moore-Penrose, computed in float64): E @ E^+ = I_D when rank(E) = D."""
-    return torch.linalg.pinv(e.double()).to(e.dtype)
+    """E^+ [V, D] of E [D, V], the Moore-Penrose inverse computed in float64: E^T (E E^T)^-1 through a
+    Cholesky factor of the D x D Gram matrix (an SVD where E is rank-deficient). E @ E^+ = I_D when
+    rank(E) = D."""
+    e64 = e.detach().double()
+    try:
+        inv = torch.cholesky_solve(e64, torch.linalg.cholesky(e64 @ e64.T)).T
+    except RuntimeError:  # torch.linalg.LinAlgError: E E^T is singular
+        inv = torch.linalg.pinv(e64)
+    return inv.to(e.dtype)
 
 
 def embedding_space(lens, *, inverse: str = "transpose", read: str = "unembed",
@@ -177,40 +184,69 @@ def head_writes(lens, layer: int, z: torch.Tensor) -> torch.Tensor:
 
 # factored top pairs ------------------------------------------------------------------------------------
 def factored_top_pairs(a: torch.Tensor, b: torch.Tensor, k: int, *, row_ids=None, col_ids=None,
-                       exclude_same: bool = False, bottom: bool = False, block: int = 4096):
+                       exclude_same: bool = False, bottom: bool = False, block: int = 1024):
     """The k largest (bottom: smallest) entries of M = a @ b without forming M: a [R, r], b [r, C].
-    Streams row blocks of a, keeps a running top-k, and skips rows whose maximum cannot enter it.
+
+    Rows of a and columns of b are visited in order of decreasing norm, in row blocks of at most `block`
+    rows (and at most 2^24 entries). With the running k-th best value t, a row block whose largest norm
+    is |a_i| only multiplies the columns with |b_j| > t / |a_i| (Cauchy-Schwarz: no other entry can
+    enter the top k); once no column qualifies, no later row can either. Memory O(block * C).
     row_ids [R] / col_ids [C] label rows/columns (token ids) for exclude_same (drop M[i, j] where the
     labels agree). Returns values [n], rows [n], cols [n] (positions in a / b), n = min(k, entries
     left), best first."""
-    if block < 1:
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
         raise LensvizError(f"block must be a positive int, got {block!r}")
     sign = -1.0 if bottom else 1.0
-    n_cols = b.shape[1]
     if exclude_same:
         row_ids = torch.arange(a.shape[0]) if row_ids is None else torch.as_tensor(row_ids)
-        col_ids = torch.arange(n_cols) if col_ids is None else torch.as_tensor(col_ids)
+        col_ids = torch.arange(b.shape[1]) if col_ids is None else torch.as_tensor(col_ids)
+    if a.shape[0] == 0 or b.shape[1] == 0:
+        return torch.empty(0, dtype=a.dtype), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
+    row_norm, row_perm = a.norm(dim=1).sort(descending=True)
+    col_norm, col_perm = b.norm(dim=0).sort(descending=True)
+    a_s, b_s = a[row_perm] * sign, b[:, col_perm].contiguous()
+    slack = 1.0 - 4 * (a.shape[1] + 1) * torch.finfo(a.dtype).eps  # rounding margin on the bound
+    budget = 2**24  # entries of M held at once
+    buf = torch.empty(min(budget, max(block * b.shape[1], b.shape[1])), dtype=a.dtype)
     best_v = torch.empty(0, dtype=a.dtype)
     best_r = torch.empty(0, dtype=torch.long)
     best_c = torch.empty(0, dtype=torch.long)
+    start = 0
     with torch.no_grad():
-        for start in range(0, a.shape[0], block):
-            m = (a[start:start + block] @ b) * sign  # [b, C]
-            rows = torch.arange(start, start + m.shape[0])
+        while start < a_s.shape[0]:
+            full = best_v.numel() == k
+            if full:
+                bound = float(best_v[-1]) * slack / max(float(row_norm[start]), torch.finfo(a.dtype).tiny)
+                n_cols = int((col_norm > bound).sum())  # a prefix: columns are sorted by norm
+                if n_cols == 0:
+                    break
+            else:
+                n_cols = b_s.shape[1]
+            x = a_s[start:start + max(1, min(block, buf.numel() // n_cols))]
+            m = buf[:x.shape[0] * n_cols].view(x.shape[0], n_cols)
+            torch.mm(x, b_s[:, :n_cols], out=m)
+            rows = row_perm[start:start + x.shape[0]]
+            cols = col_perm[:n_cols]
+            start += x.shape[0]
             if exclude_same:
-                m = m.masked_fill(row_ids[rows][:, None] == col_ids[None, :], float("-inf"))
-            if best_v.numel() == k:
-                keep = m.amax(dim=1) > best_v[-1]
-                if not bool(keep.any()):
+                m.masked_fill_(row_ids[rows][:, None] == col_ids[cols][None, :], float("-inf"))
+            if full:
+                live = (m.amax(dim=1) > best_v[-1]).nonzero()[:, 0]
+                if live.numel() == 0:
                     continue
-                m, rows = m[keep], rows[keep]
-            kk = min(k, n_cols)
-            rv, rc = m.topk(kk, dim=1)  # [n, kk]: no entry outside a row's own top-k can be in the top-k
-            vals = torch.cat((best_v, rv.reshape(-1)))
-            rr = torch.cat((best_r, rows[:, None].expand(-1, kk).reshape(-1)))
-            cc = torch.cat((best_c, rc.reshape(-1)))
+                sub = m[live]
+                hit = (sub > best_v[-1]).nonzero()
+                vals = sub[hit[:, 0], hit[:, 1]]
+                rr, cc = rows[live[hit[:, 0]]], cols[hit[:, 1]]
+            else:
+                flat = m.reshape(-1).topk(min(k, m.numel()))
+                vals = flat.values
+                rr, cc = rows[flat.indices // n_cols], cols[flat.indices % n_cols]
+            vals = torch.cat((best_v, vals))
             top = vals.topk(min(k, vals.numel()))
-            best_v, best_r, best_c = top.values, rr[top.indices], cc[top.indices]
+            best_v = top.values
+            best_r = torch.cat((best_r, rr))[top.indices]
+            best_c = torch.cat((best_c, cc))[top.indices]
     finite = torch.isfinite(best_v)
     return best_v[finite] * sign, best_r[finite], best_c[finite]
 
@@ -287,9 +323,9 @@ def head_factors(lens, layer: int, head: int, kind: str = "ov", *, delta: int = 
 
 def head_top_pairs(lens, layer: int, head: int, kind: str = "ov", k: int = 50, *, tokens=None, rows=None,
                    cols=None, exclude_same: bool = False, bottom: bool = False, delta: int = 0,
-                   fold_norm: bool = False, space=None, block: int = 4096) -> TokenPairs:
+                   fold_norm: bool = False, space=None, block: int = 1024) -> TokenPairs:
     """Top-k token pairs of E' W_OV^h E ("ov") or E' W_Q^h R(delta) W_K^g(h)^T E'^T ("qk") in factored
-    form (memory O(block * V)). tokens: an allow-list (ids or str) for both sides; rows / cols restrict
+    form (memory O(block * V); see `factored_top_pairs`). tokens: an allow-list (ids or str) for both sides; rows / cols restrict
     one side. exclude_same drops pairs of a token with itself; bottom gives the most negative pairs.
     delta (RoPE models, "qk" only): the query-key distance; 0 = the content term."""
     layer, head = _layer(lens, layer), _check_head(lens, head)

@@ -115,26 +115,32 @@ class ValueTokens:
         return flat
 
 
-def _unembed_rows(lens, vectors: torch.Tensor, fold_norm: bool) -> torch.Tensor:
-    """Raw logits W_U v (fold_norm: W_U (gamma_f * v)) of rows [N, D] -> [N, V]; no norm, no bias."""
-    unembed = lens.unembed_module
-    v = vectors.to(device=lens.unembed_device, dtype=lens.model_dtype)
-    if fold_norm:
-        gamma = getattr(lens.final_norm_module, "weight", None)
-        if gamma is not None:
-            v = v * gamma.detach().to(v)
-    logits = unembed(v)
-    bias = getattr(unembed, "bias", None)
-    return logits if bias is None else logits - bias
+def _fold(lens, v: torch.Tensor, fold_norm: bool) -> torch.Tensor:
+    gamma = getattr(lens.final_norm_module, "weight", None) if fold_norm else None
+    return v if gamma is None else v * gamma.detach().to(v)
 
 
 def _topk_logits(lens, vectors: torch.Tensor, k: int, *, fold_norm: bool = False, bottom: bool = False):
-    """Top (bottom) k raw logits of rows [N, D], in chunks: (ids [N, k] long, logits [N, k] float32)."""
+    """Top (bottom) k raw logits W_U v (fold_norm: W_U (gamma_f * v); no norm, no bias) of rows [N, D],
+    in chunks of batched matmuls into one reused buffer: (ids [N, k] long, logits [N, k] float32)."""
+    w = lens.unembed_module.weight
+    device, dtype = lens.unembed_device, lens.model_dtype
     chunk = max(1, CHUNK_BYTES // (4 * lens.vocab_size))
+    direct = w.device.type != "meta"
+    if direct:  # one [D, V] copy, then mm into a reused buffer
+        wt = w.detach().to(device, dtype).T.contiguous()
+        buf = torch.empty(min(chunk, max(1, vectors.shape[0])) * lens.vocab_size, dtype=dtype, device=device)
     ids, vals = [], []
     with torch.no_grad():
         for start in range(0, vectors.shape[0], chunk):
-            logits = _unembed_rows(lens, vectors[start:start + chunk], fold_norm)
+            v = _fold(lens, vectors[start:start + chunk].to(device=device, dtype=dtype), fold_norm)
+            if direct:
+                logits = buf[:v.shape[0] * lens.vocab_size].view(v.shape[0], lens.vocab_size)
+                torch.mm(v, wt, out=logits)
+            else:  # offloaded weights: let the module's hooks load them, then drop its bias
+                logits = lens.unembed_module(v)
+                bias = getattr(lens.unembed_module, "bias", None)
+                logits = logits if bias is None else logits - bias
             top = logits.topk(k, dim=-1, largest=not bottom)
             ids.append(top.indices.cpu())
             vals.append(top.values.float().cpu())
@@ -230,14 +236,19 @@ def default_cache_dir() -> Path:
 
 
 def _sample(t: torch.Tensor, n: int = 512) -> bytes:
+    """A fingerprint of a tensor: a strided sample of n entries plus its float64 sum and norm (so an
+    edit of any single entry changes it)."""
     flat = t.detach().reshape(-1)
     step = max(1, flat.numel() // n)
-    return flat[::step][:n].to("cpu", torch.float64).numpy().tobytes()
+    sample = flat[::step][:n].to("cpu", torch.float64)
+    total = torch.stack([flat.sum(dtype=torch.float64), torch.linalg.vector_norm(flat, dtype=torch.float64)])
+    return sample.numpy().tobytes() + total.cpu().numpy().tobytes()
 
 
 def index_key(lens, k: int, *, fold_norm: bool, bottom: bool, layers) -> str:
-    """Cache key of a value index: model name, sizes, weight shapes and a strided sample of the
-    unembedding, every indexed FF2 matrix (and the final-norm gain when folded), plus the options."""
+    """Cache key of a value index: model name, sizes, weight shapes and a fingerprint (strided sample,
+    sum and norm) of the unembedding, every indexed FF2 matrix (and the final-norm gain when folded),
+    plus the options."""
     h = hashlib.sha256()
     name = str(getattr(lens.model.config, "_name_or_path", "") or type(lens.model).__name__)
     h.update(repr((INDEX_VERSION, name, lens.arch, tuple(vars(lens.dims).values()), k, fold_norm, bottom,
@@ -380,7 +391,7 @@ def build_value_index(lens, k: int = 50, *, fold_norm: bool = False, bottom: boo
     k: tokens kept per value (legacy 50). fold_norm: index W_U (gamma_f * v) instead of v E. bottom: also
     index the k most negative tokens (sign -1). cache_dir: default $LENSVIZ_CACHE or ~/.cache/lensviz;
     use_cache=False neither reads nor writes the cache. The file name carries a hash of the model name,
-    the weight shapes and a sample of the unembedding and FF2 weights (see `index_key`)."""
+    the weight shapes and a fingerprint of the unembedding and FF2 weights (see `index_key`)."""
     k = _check_k(k, lens.vocab_size, "k")
     layers = list(range(lens.n_layers)) if layers is None else sorted({_layer(lens, layer) for layer in layers})
     if not layers:

@@ -90,7 +90,7 @@ class NeuronPatch(Patch):
     def install(self, ctx):
         lens = ctx.lens
         layer, neurons = self.first_layer(lens), self._neurons(lens)
-        positions = check_positions(self.positions, len(ctx.input_ids))
+        positions = check_positions(self.positions, len(ctx.input_ids) or None)
         value = self.on_value(ctx.base) if self.mode == "on" else float(self.value)
         rows = slice(None) if positions is None else list(positions)
 

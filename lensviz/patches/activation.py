@@ -25,8 +25,9 @@ class ActivationPatch(Patch):
     site: str = "post"
     positions: object = None
 
-    def _pairs(self, n_tokens: int) -> list[tuple[int, int]]:
+    def _pairs(self, n_tokens: int | None) -> list[tuple[int, int]]:
         n_src = len(self.source)
+        n_tokens = n_src if n_tokens is None else n_tokens
         if self.positions is None:
             if n_src != n_tokens:
                 raise LensvizError(f"source has {n_src} tokens and this prompt {n_tokens}: give positions "

@@ -44,7 +44,8 @@ class AttentionPatch(Patch):
             keyed = {(k % lens.n_layers if isinstance(k, int) else k): v for k, v in self.maps.items()}
             for layer in layers:
                 m = keyed.get(layer)
-                if not isinstance(m, torch.Tensor) or tuple(m.shape) != (lens.n_heads, n_tokens, n_tokens):
+                t = n_tokens if n_tokens is not None else (m.shape[-1] if isinstance(m, torch.Tensor) else -1)
+                if not isinstance(m, torch.Tensor) or tuple(m.shape) != (lens.n_heads, t, t):
                     raise LensvizError(f"maps[{layer}] must be a Tensor of shape [{lens.n_heads}, {n_tokens}, "
                                        f"{n_tokens}] (heads, tokens, tokens) for this prompt")
 
@@ -62,6 +63,9 @@ class AttentionPatch(Patch):
             p = p * head_mask(heads, lens.n_heads, p) * self.eta
 
             def edit(probs, rows, p=p):
+                if probs.shape[-1] != p.shape[-1]:
+                    raise LensvizError(f"AttentionPatch maps are {p.shape[-1]} x {p.shape[-1]} but this call attends "
+                                       f"over {probs.shape[-1]} keys: maps fit one prompt length")
                 return probs + p[:, rows].to(device=probs.device, dtype=probs.dtype)
 
             ctx.rec.edit(layer).probs.append(edit)

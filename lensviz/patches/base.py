@@ -73,6 +73,10 @@ def check_positions(positions, n_tokens: int) -> tuple[int, ...] | None:
         items = list(positions)
     except TypeError:
         raise LensvizError(f"positions must be None, an int or a list of ints, got {positions!r}") from None
+    if n_tokens is None:  # length not known yet (lens.patched without a base): non-negative ints only
+        if not all(isinstance(p, int) and not isinstance(p, bool) and p >= 0 for p in items):
+            raise LensvizError(f"positions must be non-negative ints here, got {positions!r}")
+        return tuple(sorted(set(items)))
     return tuple(sorted({check_index(p, n_tokens, "position") for p in items}))
 
 

@@ -80,6 +80,8 @@ class SegmentMask(Patch):
         return _check_spans(self.segments, len(tokens))
 
     def validate(self, lens, n_tokens):
+        if n_tokens is None:
+            raise LensvizError("SegmentMask changes the model's inputs and works only inside lens.trace(..., patches=...)")
         if self.segments is not None and self.segments != "auto":
             _check_spans(self.segments, n_tokens)
 
