@@ -109,13 +109,7 @@ class Explorer(anywidget.AnyWidget):
         if not isinstance(lens, Lens):
             raise LensvizError(f"Explorer needs a lensviz Lens (lv.load() or lv.Lens(model, tokenizer)), got {type(lens).__name__}")
         super().__init__(**kwargs)
-        self.lens = lens
-        self.base = None
-        self.trace = None
-        self._patch_objs: tuple = ()
-        self.model_name = getattr(lens.model.config, "_name_or_path", "") or type(lens.model).__name__
-        self._modules = view_sources()
-        self.on_msg(self._on_msg)
+        self._setup(lens)
         self.run(prompt, target)
 
     def __repr__(self) -> str:
@@ -123,15 +117,43 @@ class Explorer(anywidget.AnyWidget):
         return f"Explorer({self.lens.arch}, {n} tokens, target={self.summary.get('target')!r}, patches={len(self.patches)})"
 
     # running ---------------------------------------------------------------------------------------
+    @classmethod
+    def from_trace(cls, trace, **kwargs) -> "Explorer":
+        """An Explorer showing an existing (unpatched or patched) trace without re-running it."""
+        ex = cls.__new__(cls)
+        anywidget.AnyWidget.__init__(ex, **kwargs)
+        ex._setup(trace._lens)
+        base = trace if not trace.patches else trace._lens.trace(trace.prompt, trace.target_id)
+        ex._show(base, trace, trace.patches, [], None, True)
+        return ex
+
+    def _setup(self, lens):
+        self.lens = lens
+        self.base = None
+        self.trace = None
+        self._patch_objs = ()
+        self.model_name = getattr(lens.model.config, "_name_or_path", "") or type(lens.model).__name__
+        self._modules = view_sources()
+        self.on_msg(self._on_msg)
+
+    def _same_prompt(self, prompt) -> bool:
+        if self.base is None:
+            return False
+        old = self.base.prompt
+        return prompt == old or (isinstance(prompt, str) and not isinstance(old, str) and prompt == "".join(old))
+
     def run(self, prompt=None, target=None, patches=None) -> None:
         """Re-run on a new prompt / target / patch set (None keeps the current one). Errors raise."""
-        prompt = self.prompt if prompt is None else prompt
+        if prompt is None or self._same_prompt(prompt):
+            prompt = self.base.prompt if self.base is not None else prompt
         target = (self.target or None) if target is None else (target or None)
+        if patches is not None and not isinstance(patches, (list, tuple)):
+            raise LensvizError(f"patches must be a list of patch objects, got {type(patches).__name__}")
         specs = list(self.patches) if patches is None else list(patches)
         t0 = time.perf_counter()
-        new_base = (self.base is None or prompt != self.base.prompt or
+        new_base = (self.base is None or not self._same_prompt(prompt) or
                     (target is not None and self.lens.token_id(target) != self.base.target_id) or
-                    (target is None and self.target))
+                    (target is None and bool(self.target)))
         base = self.lens.trace(prompt, target) if new_base else self.base
         objs = tuple(patch_from_spec(s, self.lens, base) for s in specs)
         if objs:
@@ -139,10 +161,12 @@ class Explorer(anywidget.AnyWidget):
                                  backward=self.tab in GRADIENT_TABS)
         else:
             tr = base
-        elapsed = time.perf_counter() - t0
-        self.base, self.trace, self._patch_objs = base, tr, objs
+        self._show(base, tr, objs, specs, time.perf_counter() - t0, new_base, target)
+
+    def _show(self, base, tr, objs, specs, elapsed, new_base, target=None) -> None:
+        self.base, self.trace, self._patch_objs = base, tr, tuple(objs)
         with self.hold_sync():
-            self.prompt = prompt if isinstance(prompt, str) else "".join(prompt)
+            self.prompt = base.prompt if isinstance(base.prompt, str) else "".join(base.prompt)
             self.target = "" if target is None else (target if isinstance(target, str) else self.lens.decode(target))
             self.patches = specs
             self.tokens = list(tr.tokens)
@@ -161,7 +185,7 @@ class Explorer(anywidget.AnyWidget):
             meta, (buf,) = payload.head_norms(tr)
             self.norms_meta, self.norms = meta, buf
             self.error = ""
-            self.status = f"{t} tokens · ran in {elapsed:.2f} s"
+            self.status = f"{t} tokens" + (f" · ran in {elapsed:.2f} s" if elapsed is not None else "")
 
     def _send_grid(self):
         meta, (ids, probs, ranks) = payload.logit_lens_grid(self.trace, self.site)
