@@ -136,27 +136,25 @@ def _work_dtype(lens) -> torch.dtype:
 
 def _factors(lens, modes, *, fold_norm, center, receiver):
     """Sender SVD (U, S, V stacked [L, H, ...]) and, per mode, the receiver factor Y [L, H, D, r] with
-    |x R|_2 = |x Y|_2 for every row vector x (so |L R|_F = |L Y|_F and |R|_F = |Y|_F)."""
+    |x R|_2 = |x Y|_2 for every row vector x (so |L R|_F = |L Y|_F and |R|_F = |Y|_F). The QRs and SVDs
+    run once over all L * H heads (few large batched calls)."""
     dtype = _work_dtype(lens)
-    us, ss, vs = [], [], []
-    ys = {m: [] for m in modes}
-    for layer in range(lens.n_layers):
-        w = {n: t.to(dtype) for n, t in head_weights(lens, layer, fold_norm=fold_norm, center=center).items()}
-        ov = factored_svd(w["v"], w["o"])
-        us.append(ov.U), ss.append(ov.S), vs.append(ov.V)
-        if receiver == "read":  # R = W_Q, W_K or W_V itself: unchanged by a RoPE rotation R(delta)
-            for m in modes:
-                ys[m].append(w[m])
-            continue
-        qk = factored_svd(w["q"], w["k"].mT) if {"q", "k"} & set(modes) else None
-        for m in modes:
-            if m == "q":  # R = W_QK = A diag(tau) B^T  ->  |x R| = |x A diag(tau)|
-                ys[m].append(qk.U * qk.S[..., None, :])
-            elif m == "k":  # R = W_QK^T = B diag(tau) A^T
-                ys[m].append(qk.V * qk.S[..., None, :])
-            else:  # R = W_OV of the receiver
-                ys[m].append(ov.U * ov.S[..., None, :])
-    return HeadSVD(torch.stack(us), torch.stack(ss), torch.stack(vs)), {m: torch.stack(y) for m, y in ys.items()}
+    per_layer = [head_weights(lens, layer, fold_norm=fold_norm, center=center) for layer in range(lens.n_layers)]
+    w = {n: torch.stack([x[n] for x in per_layer]).to(dtype) for n in "qkvo"}  # [L, H, ...]
+    del per_layer
+    ov = factored_svd(w["v"], w["o"])
+    if receiver == "read":  # R = W_Q, W_K or W_V itself: unchanged by a RoPE rotation R(delta)
+        return ov, {m: w[m] for m in modes}
+    qk = factored_svd(w["q"], w["k"].mT) if {"q", "k"} & set(modes) else None
+    ys = {}
+    for m in modes:
+        if m == "q":  # R = W_QK = A diag(tau) B^T  ->  |x R| = |x A diag(tau)|
+            ys[m] = qk.U * qk.S[..., None, :]
+        elif m == "k":  # R = W_QK^T = B diag(tau) A^T
+            ys[m] = qk.V * qk.S[..., None, :]
+        else:  # R = W_OV of the receiver
+            ys[m] = ov.U * ov.S[..., None, :]
+    return ov, ys
 
 
 def _sender_layers(lens, sender_layers):

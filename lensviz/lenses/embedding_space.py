@@ -325,8 +325,9 @@ def head_top_pairs(lens, layer: int, head: int, kind: str = "ov", k: int = 50, *
                    cols=None, exclude_same: bool = False, bottom: bool = False, delta: int = 0,
                    fold_norm: bool = False, space=None, block: int = 1024) -> TokenPairs:
     """Top-k token pairs of E' W_OV^h E ("ov") or E' W_Q^h R(delta) W_K^g(h)^T E'^T ("qk") in factored
-    form (memory O(block * V); see `factored_top_pairs`). tokens: an allow-list (ids or str) for both sides; rows / cols restrict
-    one side. exclude_same drops pairs of a token with itself; bottom gives the most negative pairs.
+    form (memory O(block * V); see `factored_top_pairs`). tokens: an allow-list (ids or str) for both
+    sides; rows / cols restrict one side. exclude_same drops pairs of a token with itself; bottom gives
+    the most negative pairs.
     delta (RoPE models, "qk" only): the query-key distance; 0 = the content term."""
     layer, head = _layer(lens, layer), _check_head(lens, head)
     k = _check_k(k, lens.vocab_size ** 2, "k")

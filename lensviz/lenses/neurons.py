@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -356,6 +357,8 @@ class ValueIndex:
         """Value vectors promoting the queried token(s), best first (by the token's rank in the value's
         projection, then |logit|): a list of {"layer", "dim", "label", "rank", "logit", "sign",
         "token_id", "token"} (sign -1: a bottom-k hit, promoted when m_i < 0). limit=None returns all."""
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+            raise LensvizError(f"limit must be None or an int >= 0, got {limit!r}")
         found = self.lookup(query)
         if limit is not None:
             found = {name: t[:limit] for name, t in found.items()}
@@ -419,10 +422,13 @@ def build_value_index(lens, k: int = 50, *, fold_norm: bool = False, bottom: boo
     index = ValueIndex(torch.stack(all_ids).to(torch.int32), torch.stack(all_logits), layers, lens.d_mlp,
                        fold_norm=fold_norm, bottom=bottom, strings=strings, key=key)
     if use_cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(index.state(), tmp)
-        os.replace(tmp, path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(index.state(), tmp)
+            os.replace(tmp, path)
+        except OSError as err:  # a read-only or full cache dir costs a recompute next time, nothing more
+            warnings.warn(f"lensviz: could not write the value-index cache {path}: {err}", stacklevel=2)
     return index
 
 

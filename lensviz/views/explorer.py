@@ -259,7 +259,9 @@ class Explorer(anywidget.AnyWidget):
                 raise LensvizError(f"site must be one of {SITES}")
             return payload.cell_topk(tr, layer(), pos(), site), []
         if what == "neurons":
-            return payload.neurons(tr, layer(), pos()), []
+            include = req.get("include") or []
+            return payload.neurons(tr, layer(), pos(), include=[check_index(n, lens.d_mlp, "neuron")
+                                                                for n in _int_list(include, "include")]), []
         if what == "backward":
             return payload.backward_table(tr)
         if what == "flow":

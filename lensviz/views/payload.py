@@ -95,18 +95,27 @@ def thumbnails(trace, layer: int, kind: str = "forward", size: int = 32) -> tupl
 
 
 # views built on the lenses ------------------------------------------------------------------------------
-def neurons(trace, layer: int, position: int, k: int = 10) -> dict:
+def neurons(trace, layer: int, position: int, k: int = 10, include=()) -> dict:
     """LM-Debugger at one layer and position: before/after predictions and the top sub-updates with
-    their (sign-corrected) value-vector tokens."""
-    from ..lenses.neurons import debugger_view
+    their (sign-corrected) value-vector tokens; neurons in `include` (e.g. patched ones, whose
+    coefficient may now be 0) are listed too."""
+    from ..lenses.neurons import debugger_view, project_values, value_vectors
 
     view = debugger_view(trace, position=position, k=k, value_k=6, layers=[layer])
     row = view["layers"][0]
+    subs = [{"neuron": s["dim"], "coef": s["coeff"], "score": s["score"],
+             "tokens": [t["token"] for t in s["tokens"]]} for s in row["sub_updates"]]
+    extra = [n for n in include if n not in {s["neuron"] for s in subs}]
+    if extra:
+        a = trace.mlp_activations(layer)[view["position"], extra]
+        norms = value_vectors(trace._lens, layer)[extra].norm(dim=-1)
+        proj = project_values(trace._lens, layer, extra, 6, signs=a)
+        subs += [{"neuron": n, "coef": float(c), "score": float(abs(c) * v), "tokens": toks}
+                 for n, c, v, toks in zip(extra, a.tolist(), norms.tolist(), proj.tokens)]
     return {"layer": int(layer), "position": int(view["position"]),
             "before": [{"token": t["token"], "prob": t["prob"]} for t in row["before"]],
             "after": [{"token": t["token"], "prob": t["prob"]} for t in row["after"]],
-            "subupdates": [{"neuron": s["dim"], "coef": s["coeff"], "score": s["score"],
-                            "tokens": [t["token"] for t in s["tokens"]]} for s in row["sub_updates"]]}
+            "subupdates": subs}
 
 
 def backward_table(trace) -> tuple[dict, list[bytes]]:

@@ -7,7 +7,7 @@ const svg = (tag, attrs = {}) => {
   return el;
 };
 export function mount(ctx, box) {
-  const { h, show, clip } = ctx.util;
+  const { h, show, clip, rankColour } = ctx.util;
   const m = ctx.model;
   let alive = true, token = 0;
   const layersIn = h("input", { type: "text", class: "lv-flow-layers", size: 10, "aria-label": "layers",
@@ -45,7 +45,8 @@ export function mount(ctx, box) {
     for (const n of g.nodes) {
       const [x, y] = pos.get(n.id);
       const grp = svg("g", { class: "lv-node lv-node-" + (n.kind || ""), transform: `translate(${x},${y})`, "data-id": n.id });
-      const c = svg("circle", { r: 9, fill: n.colour || "#9ecae1" });
+      const vocab = (m.get("summary") || {}).vocab_size || 50000;
+      const c = svg("circle", { r: 9, fill: n.target_rank === undefined ? "#ccc" : rankColour(n.target_rank, vocab) });
       const label = svg("text", { y: -12, "text-anchor": "middle", class: "lv-node-label" });
       label.textContent = clip(show(n.label ?? ""), 10);
       const t = svg("title");

@@ -31,7 +31,8 @@ export function mount(ctx, box) {
   async function draw() {
     const sel = m.get("selection") || {}, my = ++token;
     try {
-      const { meta } = await ctx.request("neurons", { layer: sel.layer, position: sel.position });
+      const include = (m.get("patches") || []).filter((p) => p.type === "neuron" && p.layer === sel.layer).map((p) => p.neuron);
+      const { meta } = await ctx.request("neurons", { layer: sel.layer, position: sel.position, include });
       if (!alive || my !== token) return;
       const rows = meta.subupdates.map((s) => {
         const p = patched(meta.layer, s.neuron);
@@ -50,7 +51,7 @@ export function mount(ctx, box) {
     } catch (e) { if (alive) body.textContent = String(e.message || e); }
   }
   const redraw = () => draw();
-  m.on("change:selection", redraw); m.on("change:summary", redraw);
+  m.on("change:selection", redraw); m.on("change:summary", redraw); m.on("change:patches", redraw);
   draw();
-  return { destroy() { alive = false; m.off("change:selection", redraw); m.off("change:summary", redraw); } };
+  return { destroy() { alive = false; for (const k of ["selection", "summary", "patches"]) m.off("change:" + k, redraw); } };
 }
