@@ -6,6 +6,7 @@
     tr.attention(3), tr.reversed_attention(3), tr.resid_grad(5)
 """
 from .errors import LensvizError, UnsupportedModelError
+from .export import export_html
 from .lens import Lens
 from .loading import load
 from .patches import (ActivationPatch, AttentionPatch, HeadAblation, NeuronPatch, SegmentMask, ShiftEdit,
@@ -29,6 +30,6 @@ def load_ipython_extension(ipython):
     load(ipython)
 
 
-__all__ = ["Explorer", "ActivationPatch", "AttentionPatch", "HeadAblation", "Lens", "LensvizError", "NeuronPatch", "SegmentMask",
+__all__ = ["Explorer", "export_html", "ActivationPatch", "AttentionPatch", "HeadAblation", "Lens", "LensvizError", "NeuronPatch", "SegmentMask",
            "ShiftEdit", "TopKAttention", "Trace", "UnsupportedModelError", "compare", "load"]
 __version__ = "0.1.0"

@@ -124,7 +124,7 @@ class Explorer(anywidget.AnyWidget):
         anywidget.AnyWidget.__init__(ex, **kwargs)
         ex._setup(trace._lens)
         base = trace if not trace.patches else trace._lens.trace(trace.prompt, trace.target_id)
-        ex._show(base, trace, trace.patches, [], None, True)
+        ex._show(base, trace, trace.patches, [], None, True, trace.target)
         return ex
 
     def _setup(self, lens):

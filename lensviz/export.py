@@ -1,0 +1,131 @@
+"""Self-contained offline HTML: the Explorer's views and their data in one file that opens from file://
+with no network. JS and CSS are inlined; the widget state and a set of precomputed view answers are
+embedded as gzip-compressed binary (base64). Without a kernel nothing re-runs: selections, hovers and
+tabs work on what was exported."""
+from __future__ import annotations
+
+import base64
+import gzip
+import json
+import pathlib
+
+from .errors import LensvizError
+
+_SHIM = r"""
+// A stand-in for the anywidget model: state from the export, answers to view requests from a table.
+async function unpack(id) {
+  const raw = Uint8Array.from(atob(document.getElementById(id).textContent.trim()), (c) => c.charCodeAt(0));
+  const text = await new Response(new Blob([raw]).stream().pipeThrough(new DecompressionStream("gzip"))).text();
+  const toView = (b64) => { const u = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0)); return new DataView(u.buffer); };
+  return JSON.parse(text, (k, v) => (v && typeof v === "object" && typeof v.$b64 === "string" ? toView(v.$b64) : v));
+}
+const keyOf = (msg) => JSON.stringify(Object.keys(msg).filter((k) => k !== "type" && k !== "id").sort().map((k) => [k, msg[k]]));
+class StaticModel {
+  constructor(state, replies) { this.state = state; this.replies = replies; this.handlers = {}; }
+  get(k) { return this.state[k]; }
+  set(k, v) { this.state[k] = v; this.emit("change:" + k); }
+  save_changes() {}
+  on(ev, f) { (this.handlers[ev] = this.handlers[ev] || []).push(f); }
+  off(ev, f) { this.handlers[ev] = (this.handlers[ev] || []).filter((g) => g !== f); }
+  emit(ev, ...args) { for (const f of this.handlers[ev] || []) f(...args); }
+  send(msg) {
+    setTimeout(() => {
+      if (msg.type === "get") {
+        const r = this.replies[keyOf(msg)];
+        if (r) this.emit("msg:custom", { type: "reply", id: msg.id, what: msg.what, meta: r.meta }, r.buffers);
+        else this.emit("msg:custom", { type: "reply", id: msg.id, what: msg.what,
+          error: "not included in this static export (re-open the notebook with a kernel to compute it)" });
+      } else if (msg.type === "run") {
+        this.set("error", "This is a static export: re-running the model needs a Python kernel.");
+        this.set("done_seq", msg.seq);
+      }
+    }, 0);
+  }
+}
+const data = await unpack("lv-data");
+const model = new StaticModel(data.state, data.replies);
+const url = URL.createObjectURL(new Blob([data.state._explorer], { type: "text/javascript" }));
+const explorer = (await import(url)).default;
+await explorer.render({ model, el: document.getElementById("lv-root") });
+document.body.dataset.ready = "1";
+"""
+
+_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; script-src 'unsafe-inline' blob:; style-src 'unsafe-inline'; img-src data: blob:">
+<style>{css}</style></head>
+<body><div id="lv-root"></div>
+<script type="application/octet-stream" id="lv-data">{data}</script>
+<script type="module">{shim}</script>
+</body></html>
+"""
+
+
+def _key(req: dict) -> str:
+    return json.dumps([[k, req[k]] for k in sorted(req) if k not in ("type", "id")], separators=(",", ":"),
+                      ensure_ascii=False)
+
+
+def _requests(ex) -> list[dict]:
+    """The view requests answered ahead of time: every head's maps for short prompts (else the selected
+    layer's), all thumbnails, cell top-k for every cell of a small grid (else the last position),
+    neurons at every layer of the selected position, the Backward Lens tables and one flow graph."""
+    tr, lens, sel = ex.trace, ex.lens, ex.selection
+    t, n_layers, n_heads = len(tr), lens.n_layers, lens.n_heads
+    kinds = ["forward", "reversed"] if tr.has_backward else ["forward"]
+    map_layers = range(n_layers) if t <= 64 else [sel["layer"]]
+    reqs = [{"what": "thumbs", "layer": layer, "kind": k} for layer in range(n_layers) for k in kinds]
+    reqs += [{"what": "attention", "layer": layer, "head": h, "kind": k}
+             for layer in map_layers for h in range(n_heads) for k in kinds]
+    positions = range(t) if n_layers * t <= 1500 else [sel["position"]]
+    reqs += [{"what": "cell", "layer": layer, "position": p, "site": ex.site} for layer in range(n_layers)
+             for p in positions]
+    reqs += [{"what": "neurons", "layer": layer, "position": sel["position"], "include": []} for layer in range(n_layers)]
+    if tr.has_backward:
+        reqs.append({"what": "backward"})
+        reqs.append({"what": "flow", "position": sel["position"], "layers": [sel["layer"]]})
+    return reqs
+
+
+def _encode(value):
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return {"$b64": base64.b64encode(bytes(value)).decode()}
+    if isinstance(value, dict):
+        return {k: _encode(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_encode(v) for v in value]
+    return value
+
+
+def export_html(explorer_or_trace, path, *, title: str | None = None) -> pathlib.Path:
+    """Write one self-contained HTML file showing the explorer (or a trace) offline; returns the path."""
+    from .trace import Trace
+    from .views.explorer import STATIC, Explorer
+
+    if isinstance(explorer_or_trace, Trace):
+        ex = Explorer.from_trace(explorer_or_trace)
+    elif isinstance(explorer_or_trace, Explorer):
+        ex = explorer_or_trace
+    else:
+        raise LensvizError(f"export_html takes an Explorer or a Trace, got {type(explorer_or_trace).__name__}")
+    state = {k: v for k, v in ex.get_state().items() if not k.startswith("_") or k == "_modules"}
+    state["_explorer"] = (STATIC / "explorer.js").read_text()
+    replies = {}
+    for req in _requests(ex):
+        try:
+            meta, buffers = ex.answer(req)
+        except LensvizError:
+            continue
+        replies[_key(req)] = {"meta": meta, "buffers": [bytes(b) for b in buffers]}
+    blob = json.dumps(_encode({"state": state, "replies": replies}), separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=False, default=float)
+    data = base64.b64encode(gzip.compress(blob.encode(), 9, mtime=0)).decode()
+    page = _PAGE.format(title=_escape(title or f"lensviz · {ex.prompt[:60]}"), css=(STATIC / "style.css").read_text(),
+                        data=data, shim=_SHIM)
+    out = pathlib.Path(path)
+    out.write_text(page, encoding="utf-8")
+    return out
+
+
+def _escape(text: str) -> str:
+    return (text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;"))
