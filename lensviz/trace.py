@@ -204,7 +204,11 @@ class Trace:
         dims [n_layers, T] and target_rank for this trace's target."""
         from .lenses.vocab import logit_lens
 
-        return logit_lens(self, k, site)
+        key = ("logit_lens", k, site)
+        cache = self.__dict__.setdefault("_cache", {})
+        if key not in cache:
+            cache[key] = logit_lens(self, k, site)
+        return cache[key]
 
     def __repr__(self) -> str:
         return (f"Trace({len(self)} tokens, target={self.target!r}, loss={self.loss:.4f}, "
