@@ -1,6 +1,7 @@
 """Talking Heads: head-to-head composition scores (Q-, K-, V-composition), SVD channels of the OV and QK
 circuits, and edits that remove or scale one channel (research/methods-2.md §3). Weights only, row
-convention (a layer computes y = x W); every score is computed from d_head-sized factors, never D x D.
+convention (a layer computes y = x W); scores start from per-head factors (QR + d_head x d_head SVDs),
+and no D x D product of two heads' matrices is ever formed.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ RECEIVERS = ("full", "read")
 NULLS = ("rotation", "population")
 METHODS = ("auto", "factored", "gram")
 CHUNK_BYTES = 64 * 2**20  # size of one block of pair overlaps held at once
-GRAM_BYTES = 512 * 2**20  # largest store of receiver Gram rows method="auto" accepts
+GRAM_BYTES = 512 * 2**20  # largest store of sender Gram rows method="auto" accepts
 
 
 # --------------------------------------------------------------------------------------------------
@@ -278,7 +279,8 @@ def all_composition_scores(lens, modes=MODES, *, fold_norm: bool = False, center
     if how == "gram":
         nums = _pair_grams(weighted, ys)
     else:
-        nums = {m: _pair_projections(weighted, y, range(lens.n_layers), per_component=False) for m, y in ys.items()}
+        layers = range(lens.n_layers)
+        nums = {m: _pair_projections(weighted, y, layers, per_component=False) for m, y in ys.items()}
     out = {}
     for m in modes:
         r_norm2 = ys[m].square().sum((-2, -1))  # [L, H]
@@ -401,7 +403,8 @@ def component_scores(lens, mode: str = "q", *, sender_layers=None, fold_norm: bo
 # --------------------------------------------------------------------------------------------------
 def _check_alpha(alpha) -> float:
     if isinstance(alpha, bool) or not isinstance(alpha, Real) or not math.isfinite(alpha):
-        raise LensvizError(f"alpha must be a finite real number (0 removes the component, 1 keeps it), got {alpha!r}")
+        raise LensvizError(f"alpha must be a finite real number (0 removes the component, 1 keeps it), "
+                           f"got {alpha!r}")
     return float(alpha)
 
 
@@ -475,8 +478,9 @@ def edit_head_write(write: torch.Tensor, directions: torch.Tensor, alpha: float 
         raise LensvizError("write and directions must be torch tensors ([..., D] and [D] or [r, D])")
     s = directions[None] if directions.dim() == 1 else directions
     if s.dim() != 2 or s.shape[-1] != write.shape[-1]:
-        raise LensvizError(f"directions must be [D] or [r, D] with D = {write.shape[-1]}, got {tuple(directions.shape)}")
-    s = s.to(write.dtype)
+        raise LensvizError(f"directions must be [D] or [r, D] with D = {write.shape[-1]}, "
+                           f"got {tuple(directions.shape)}")
+    s = s.to(device=write.device, dtype=write.dtype)
     tol = 1e-4 if s.dtype in (torch.float32, torch.float64) else 1e-2
     if not torch.allclose(s @ s.mT, torch.eye(s.shape[0], dtype=s.dtype, device=s.device), atol=tol):
         raise LensvizError("directions must be orthonormal rows (use channel_basis to orthonormalise them)")
@@ -490,10 +494,11 @@ def edit_head_write(write: torch.Tensor, directions: torch.Tensor, alpha: float 
 
 def channel_basis(lens, components, *, fold_norm: bool = False, center: bool = False) -> torch.Tensor:
     """Orthonormal rows S [r, D] spanning the write directions v_i of the given (layer, head, component)
-    triples (a channel subspace; r = their rank), for `edit_head_write`."""
+    triples (a channel subspace, Gram-Schmidt in the given order), for `edit_head_write`. A direction
+    within 1e-4 of the span of the earlier ones adds no row, so r is their numerical rank."""
     vs = [component_direction(lens, l, h, c, fold_norm=fold_norm, center=center) for l, h, c in components]
     if not vs:
         raise LensvizError("components must list at least one (layer, head, component)")
     q, r = torch.linalg.qr(torch.stack(vs).double().mT)
-    keep = r.diagonal().abs() > 1e-8 * r.diagonal().abs().max()
+    keep = r.diagonal().abs() > 1e-4  # unit vectors: the diagonal is the part outside the earlier span
     return q.mT[keep].to(vs[0].dtype)
