@@ -20,6 +20,10 @@ def __getattr__(name):  # the widget pulls in anywidget; import it only when ask
         from .views.explorer import Explorer
 
         return Explorer
+    if name == "plot":
+        import importlib
+
+        return importlib.import_module(".plot", __name__)
     raise AttributeError(f"module 'lensviz' has no attribute {name!r}")
 
 
@@ -30,6 +34,6 @@ def load_ipython_extension(ipython):
     load(ipython)
 
 
-__all__ = ["Explorer", "export_html", "ActivationPatch", "AttentionPatch", "HeadAblation", "Lens", "LensvizError", "NeuronPatch", "SegmentMask",
+__all__ = ["Explorer", "plot", "export_html", "ActivationPatch", "AttentionPatch", "HeadAblation", "Lens", "LensvizError", "NeuronPatch", "SegmentMask",
            "ShiftEdit", "TopKAttention", "Trace", "UnsupportedModelError", "compare", "load"]
 __version__ = "0.1.0"

@@ -72,6 +72,8 @@ class AttentionEdit:
     scores: list = field(default_factory=list)
     probs: list = field(default_factory=list)
     outputs: list = field(default_factory=list)  # fns (out [B, H, T, d]) -> out, on every path
+    added: list = field(default_factory=list)  # maps P [H, T, T] added to the probabilities (A + P):
+    # applied as out += P @ V, so the fused attention kernel still computes A @ V
 
     @property
     def explicit(self) -> bool:
@@ -102,6 +104,8 @@ def explicit_attention(query, key, value, mask, scaling, edit: AttentionEdit | N
         probs = torch.softmax(scores, dim=-1).to(value.dtype)
         for fn in (edit.probs if edit else ()):
             probs = fn(probs, rows)
+        for p in (edit.added if edit else ()):
+            probs = probs + p[:, rows].to(device=probs.device, dtype=probs.dtype)
         outs.append(torch.matmul(probs, v))
     return torch.cat(outs, dim=2)
 
@@ -121,6 +125,11 @@ def lensviz_attention(module, query, key, value, attention_mask, scaling=None, d
         out = F.scaled_dot_product_attention(
             query, k, v, attn_mask=attention_mask, dropout_p=dropout, is_causal=is_causal, scale=scaling
         )
+        for p in (edit.added if edit is not None else ()):
+            if p.shape[-1] != v.shape[-2] or p.shape[-2] != query.shape[-2]:
+                raise LensvizError(f"an attention map of {p.shape[-1]} x {p.shape[-1]} does not fit this call "
+                                   f"({query.shape[-2]} queries, {v.shape[-2]} keys): maps fit one prompt length")
+            out = out + torch.matmul(p.to(device=v.device, dtype=v.dtype), v)
     else:
         out = explicit_attention(query, key, value, attention_mask, scaling, edit)
     for fn in (edit.outputs if edit is not None else ()):

@@ -135,6 +135,8 @@ class Trace:
         edit = self._edit(layer)
         for fn in (edit.probs if edit is not None else ()):
             probs = fn(probs[None], slice(0, len(self)))[0]
+        for p in (edit.added if edit is not None else ()):
+            probs = probs + p.to(probs.dtype)
         return probs
 
     def head_output_grad(self, layer: int) -> torch.Tensor:
@@ -209,6 +211,12 @@ class Trace:
         if key not in cache:
             cache[key] = logit_lens(self, k, site)
         return cache[key]
+
+    def to_bertviz(self, kind: str = "forward", layers=None, *, scale: str | None = "head"):
+        """Input for bertviz: `head_view(**trace.to_bertviz("reversed"))` (see lensviz.interop.bertviz)."""
+        from .interop.bertviz import to_bertviz
+
+        return to_bertviz(self, kind, layers, scale=scale)
 
     def __repr__(self) -> str:
         return (f"Trace({len(self)} tokens, target={self.target!r}, loss={self.loss:.4f}, "

@@ -60,15 +60,7 @@ class AttentionPatch(Patch):
         keyed = None if self.maps is None else {k % lens.n_layers: v for k, v in self.maps.items()}
         for layer in self._layers(lens):
             p = ctx.base.reversed_attention(layer) if keyed is None else keyed[layer]
-            p = p * head_mask(heads, lens.n_heads, p) * self.eta
-
-            def edit(probs, rows, p=p):
-                if probs.shape[-1] != p.shape[-1]:
-                    raise LensvizError(f"AttentionPatch maps are {p.shape[-1]} x {p.shape[-1]} but this call attends "
-                                       f"over {probs.shape[-1]} keys: maps fit one prompt length")
-                return probs + p[:, rows].to(device=probs.device, dtype=probs.dtype)
-
-            ctx.rec.edit(layer).probs.append(edit)
+            ctx.rec.edit(layer).added.append(p * head_mask(heads, lens.n_heads, p) * self.eta)
 
 
 @dataclass(frozen=True)
