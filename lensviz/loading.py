@@ -38,10 +38,22 @@ def _progress(enabled: bool):
 
     before = hf_logging.is_progress_bar_enabled()
     (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    # the GGUF converter draws its own tqdm bar, outside transformers' switch
+    import importlib
+
+    try:
+        gguf_utils = importlib.import_module("transformers.modeling_gguf_pytorch_utils")
+    except ImportError:
+        gguf_utils = None
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is not None and not enabled:
+        gguf_utils.tqdm = lambda *a, **k: bar(*a, **{**k, "disable": True})
     try:
         yield
     finally:
         (hf_logging.enable_progress_bar if before else hf_logging.disable_progress_bar)()
+        if bar is not None:
+            gguf_utils.tqdm = bar
 
 
 def load(name: str | os.PathLike | None = None, *, dtype=None, progress: bool = True, **kwargs) -> Lens:
