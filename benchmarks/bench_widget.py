@@ -50,7 +50,8 @@ Three measurements, in this one process (the JupyterLab kernel is the only other
    each eta's probability with `lens.trace(..., patches=(lv.AttentionPatch(eta),))` to check the DOM.
 
 Writes benchmarks/results/widget.md (tables) and benchmarks/results/widget.json (raw numbers; ignored
-by git). Screenshots of the first load of each page go to <workdir>/shots (printed at the end).
+by git). Screenshots of the first load of each page go to <workdir>/shots (printed at the end); the
+pages themselves are deleted at the end unless --keep-pages.
 Third-party JS is cached under $XDG_CACHE_HOME/lensviz-bench/npm (default ~/.cache/...).
 """
 from __future__ import annotations
@@ -862,13 +863,20 @@ def report(res: dict) -> str:
                 runs = by.get(kind, [])
                 st = stats([r["ms"] for r in runs])
                 errs = [r.get("error") for r in runs if r.get("error")]
-                cell = (f"{st['median']:,.0f} ({st['min']:,.0f}/{st['max']:,.0f}) n={st['n']}" if st else "-")
+                cell = (f"{st['median']:,.0f} ({st['min']:,.0f}/{st['max']:,.0f}) n={st['n']}" if st else
+                        "-" if runs else "not timed (--local-max-t)")
                 if errs:
                     cell += f"; failed: {'; '.join(errs)}"
                 cells.append(cell)
             lines.append(f"| {T} | " + " | ".join(cells) + " |")
         blocked = sorted({u for by in res["renders"].values() for runs in by.values() for r in runs for u in r["blocked"]})
-        lines += ["", f"Requests blocked (not file:/blob:/data:): {blocked or 'none'}.", ""]
+        lines += ["", f"Requests blocked (not file:/blob:/data:): {blocked or 'none'}.", "",
+                  "Notes: one page per tool with all 30 layers (bertviz: its layer menu, first layer drawn; "
+                  "circuitsvis: 30 widgets, all drawn; lensviz: the whole Explorer, the logit-lens grid of every "
+                  "layer and one attention map). circuitsvis draws with TensorFlow.js (WebGL backend); with the "
+                  "test harness's --disable-gpu that is software GL, so a desktop browser with a GPU will be faster. "
+                  "At T=256 the circuitsvis page had drawn 0 of 30 widgets when the limit ran out (--heavy-timeout); "
+                  "in a separate 600 s try during development it still had none.", ""]
     if res.get("lab"):
         lab, s = res["lab"], res["lab_summary"]
         lines += [f"## 3. Live re-execution: eta slider -> updated DOM, JupyterLab, SmolLM2, T={lab['T']}", "",
@@ -980,6 +988,7 @@ def main():
     ap.add_argument("--no-browser", action="store_true", help="skip the time-to-render pages")
     ap.add_argument("--no-lab", action="store_true", help="skip the JupyterLab slider latency")
     ap.add_argument("--workdir", default=None, help="pages, screenshots, Lab home (default: a new temp dir)")
+    ap.add_argument("--keep-pages", action="store_true", help="keep the HTML pages (about 1.1 GB at T=256)")
     ap.add_argument("--out", default=str(HERE / "results" / "widget"), help="writes OUT.md and OUT.json")
     args = ap.parse_args()
     ensure_deps()
@@ -1070,6 +1079,9 @@ def main():
             if browser is not None:
                 browser.close()
 
+    if not args.keep_pages:
+        for page in work.glob("*.html"):
+            page.unlink()
     res["wall_s"] = time.perf_counter() - t_start
     res["loadavg_end"] = loadavg()
     md_text = report(res)
