@@ -50,13 +50,9 @@ class BertvizInput(Mapping):
 
 
 def _layers(trace, layers) -> list[int]:
-    if layers is None:
-        return list(range(trace.n_layers))
-    if isinstance(layers, int) and not isinstance(layers, bool):
-        layers = [layers]
-    if not isinstance(layers, (list, tuple, range)) or len(layers) == 0:
-        raise LensvizError(f"layers must be None, an int or a non-empty list of ints, got {layers!r}")
-    return sorted({trace._layer(layer) for layer in layers})
+    from ..trace import check_layer_list
+
+    return check_layer_list(layers, trace.n_layers)
 
 
 def _token(text: str) -> str:

@@ -45,13 +45,9 @@ def _position(trace, position) -> int:
 
 def _layers(trace, layers) -> list[int]:
     """None -> every layer; an int -> [it]; a list -> sorted, de-duplicated, negatives resolved."""
-    if layers is None:
-        return list(range(trace.n_layers))
-    if isinstance(layers, int) and not isinstance(layers, bool):
-        layers = [layers]
-    if not isinstance(layers, (list, tuple, range)) or len(layers) == 0:
-        raise LensvizError(f"layers must be None, an int or a non-empty list of ints, got {layers!r}")
-    return sorted({_layer(trace, layer) for layer in layers})
+    from ..trace import check_layer_list
+
+    return check_layer_list(layers, trace.n_layers)
 
 
 def _count(value, name: str) -> int:
