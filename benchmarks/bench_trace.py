@@ -20,11 +20,12 @@ gradient flowing back to the input embeddings. Methods:
 
 Timing: one process, round-robin (each repetition runs every method once, the starting method
 rotating per repetition), 1 warm-up + N timed repetitions per length, torch.set_num_threads(2).
-Memory: a separate untimed pass per method and length; a thread samples psutil RSS every 1 ms after
-gc.collect() and malloc_trim(0); reported: peak RSS minus RSS at entry (MB), which includes what
-the call returns. Extra memory lengths (not timed; default 1024) run bare and lensviz on SmolLM2.
+Memory: a separate untimed pass per method and length. Each measured call follows a call of the same
+method on 8 tokens (so a method's leftovers from a longer call are released first). A thread samples
+psutil RSS every 1 ms after gc.collect() and malloc_trim(0); reported: peak RSS minus RSS at entry
+(MB), which includes what the call returns, with the kernel's VmHWM as a cross-check. Extra memory lengths (not timed; default 1024) run bare and lensviz on SmolLM2.
 
-    bash benchmarks/run.sh                  # set-up + the default run (~5 min on 2 cores)
+    bash benchmarks/run.sh                  # set-up + the default run (~2 min on 2 idle cores)
     .venv/bin/python benchmarks/bench_trace.py --reps 5 --lengths 16,64,256 --mem-lengths 1024,16,64,256
 
 Writes benchmarks/results/latest.md (tables) and benchmarks/results/latest.json (raw numbers).
