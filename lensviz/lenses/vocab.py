@@ -11,15 +11,17 @@ import torch
 
 from ..errors import LensvizError
 
-CHUNK_BYTES = 64 * 2**20  # logits held at once per chunk
+CHUNK_BYTES = 128 * 2**20  # logits held at once: one reused buffer of [rows, V]
+BLOCK_BYTES = 3 * 2**19  # CPU: top-k, softmax normaliser and rank run on row blocks of ~1.5 MB (cache-sized)
 
 
 @dataclass(eq=False)
 class TopK:
     """Top (or bottom) k tokens of projected vectors. Leading dims are those of the vectors.
 
-    ids [..., k], probs [..., k] (probabilities under the full softmax), target_rank [...] or None
-    (0 = most probable), tokens: nested lists of str shaped like ids.
+    ids [..., k], probs [..., k] float32 (probabilities under the full softmax, computed in the model's
+    dtype, float32 for half-precision models), target_rank [...] long or None (0 = most probable),
+    tokens: nested lists of str shaped like ids.
     """
 
     ids: torch.Tensor
@@ -54,26 +56,74 @@ def project(lens, vectors: torch.Tensor, k: int = 10, *, target=None, normalize:
     tid = None if target is None else lens.token_id(target)
     lead = vectors.shape[:-1]
     rows = vectors.reshape(-1, lens.d_model)
-    norm, unembed = lens.final_norm_module, lens.unembed_module
-    device, dtype = lens.unembed_device, lens.model_dtype
-    chunk = max(1, CHUNK_BYTES // (4 * lens.vocab_size))
     ids, probs, ranks = [], [], []
     with torch.no_grad():
-        for start in range(0, rows.shape[0], chunk):
-            v = rows[start:start + chunk].to(device=device, dtype=dtype)
-            if normalize:
-                v = v / v.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny)
-            logits = unembed(norm(v)).float()
-            top = logits.topk(k, dim=-1, largest=not bottom)
-            lse = logits.logsumexp(-1, keepdim=True)
-            ids.append(top.indices.cpu())
-            probs.append((top.values - lse).exp().cpu())
-            if tid is not None:
-                ranks.append((logits > logits[:, tid:tid + 1]).sum(-1).cpu())
+        for logits in _logit_chunks(lens, rows, normalize):
+            for block in _row_blocks(logits):
+                top = block.topk(k, dim=-1, largest=not bottom)
+                lse = block.logsumexp(-1, keepdim=True)
+                ids.append(top.indices.cpu())
+                probs.append((top.values - lse).exp_().float().cpu())
+                if tid is not None:
+                    ranks.append((block > block[:, tid:tid + 1]).sum(-1, dtype=torch.int32).cpu())
     ids = torch.cat(ids).reshape(*lead, k)
     probs = torch.cat(probs).reshape(*lead, k)
-    rank = torch.cat(ranks).reshape(lead) if tid is not None else None
+    rank = torch.cat(ranks).to(torch.long).reshape(lead) if tid is not None else None
     return TopK(ids=ids, probs=probs, target_rank=rank, _strings=lens.token_strings)
+
+
+def _logit_chunks(lens, rows: torch.Tensor, normalize: bool):
+    """Yield W_U . N_f(v) for consecutive row chunks of `rows` [n, D] as [chunk, V] tensors.
+
+    Where the unembedding is a plain in-memory Linear, every chunk is written into one reused buffer
+    (no fresh [chunk, V] allocation per chunk, whose page faults cost about as much as a tenth of the
+    matmul); a yielded chunk is overwritten by the next one. Otherwise the module itself is called."""
+    norm, unembed = lens.final_norm_module, lens.unembed_module
+    device, dtype = lens.unembed_device, lens.model_dtype
+    weight, bias = _plain_linear(unembed)
+    n_vocab = lens.vocab_size if weight is None else weight.shape[0]
+    chunk = max(1, CHUNK_BYTES // (torch.finfo(dtype).bits // 8 * n_vocab))
+    chunk = min(chunk, max(1, rows.shape[0]))
+    buffer = None
+    for start in range(0, rows.shape[0], chunk):
+        v = rows[start:start + chunk].to(device=device, dtype=dtype)
+        if normalize:
+            v = v / v.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny)
+        h = norm(v)
+        if weight is None or h.dtype != weight.dtype:
+            logits = unembed(h)
+        else:
+            if buffer is None:
+                buffer = torch.empty(chunk, n_vocab, dtype=weight.dtype, device=weight.device)
+            logits = buffer[:h.shape[0]]
+            if bias is None:
+                torch.mm(h, weight.T, out=logits)
+            else:
+                torch.addmm(bias, h, weight.T, out=logits)
+        yield logits
+
+
+def _plain_linear(module):
+    """(weight [V, D], bias [V] | None) of an nn.Linear whose weight is a real tensor, else (None, None)
+    (accelerate-dispatched or custom heads are called as modules)."""
+    weight = getattr(module, "weight", None)
+    if (type(module) is not torch.nn.Linear or getattr(module, "_hf_hook", None) is not None
+            or not isinstance(weight, torch.Tensor) or weight.device.type == "meta" or weight.dim() != 2):
+        return None, None
+    return weight, module.bias
+
+
+def _row_blocks(logits: torch.Tensor):
+    """Split [n, V] logits into float32 (or wider) row blocks for the per-row passes: on the CPU blocks
+    of ~BLOCK_BYTES, so that top-k, the softmax normaliser and the rank count read cached memory."""
+    half = logits.dtype in (torch.float16, torch.bfloat16)
+    if logits.device.type != "cpu":
+        yield logits.float() if half else logits
+        return
+    rows = max(1, BLOCK_BYTES // (4 * logits.shape[-1]))
+    for start in range(0, logits.shape[0], rows):
+        block = logits[start:start + rows]
+        yield block.float() if half else block
 
 
 def logit_lens(trace, k: int = 10, site: str = "post") -> TopK:

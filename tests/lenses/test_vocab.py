@@ -11,8 +11,10 @@ from tests.conftest import PROMPT
 
 
 def full_probs(lens, v):
+    """softmax(W_U N_f(v)) by the module calls, in the model's dtype (float32 for half models)."""
     with torch.no_grad():
-        return torch.softmax(lens.unembed_module(lens.final_norm_module(v)).float(), -1)
+        logits = lens.unembed_module(lens.final_norm_module(v))
+        return torch.softmax(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, -1)
 
 
 def test_project_equals_plain_softmax_topk_and_rank(tiny):
@@ -23,7 +25,7 @@ def test_project_equals_plain_softmax_topk_and_rank(tiny):
     top = p.topk(5, dim=-1)
     assert got.ids.shape == (tiny.n_layers, len(tr), 5)
     assert torch.equal(got.ids, top.indices)
-    assert torch.allclose(got.probs, top.values, atol=1e-6)
+    assert torch.allclose(got.probs.double(), top.values, atol=1e-6) and got.probs.dtype == torch.float32
     tid = tr.target_id
     assert torch.equal(got.target_rank, (p > p[..., tid:tid + 1]).sum(-1))
     assert got.tokens[0][0] == [tiny.tokenizer.decode([i]) for i in top.indices[0, 0].tolist()]
@@ -60,9 +62,51 @@ def test_three_sites_project_their_own_residuals(tiny):
 def test_chunking_does_not_change_results(tiny, monkeypatch):
     tr = tiny.trace(PROMPT, target=" Paris")
     whole = tr.logit_lens(k=4)
-    monkeypatch.setattr(vocab, "CHUNK_BYTES", 4 * tiny.vocab_size * 3)  # three rows per chunk
+    monkeypatch.setattr(vocab, "CHUNK_BYTES", 8 * tiny.vocab_size * 3)  # three rows per chunk (float64)
     chunked = tr.logit_lens(k=4)
-    assert torch.equal(whole.ids, chunked.ids) and torch.equal(whole.target_rank, chunked.target_rank)
+    monkeypatch.setattr(vocab, "BLOCK_BYTES", 4 * tiny.vocab_size * 2)  # and two rows per post-matmul block
+    blocked = tr.logit_lens(k=4)
+    for other in (chunked, blocked):
+        assert torch.equal(whole.ids, other.ids) and torch.equal(whole.target_rank, other.target_rank)
+        assert torch.equal(whole.probs, other.probs)
+    assert whole.target_rank.dtype == torch.long
+
+
+class BiasedHead(torch.nn.Linear):
+    """An unembedding that is not a plain nn.Linear (lensviz then calls the module itself)."""
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_unembedding_bias_and_custom_heads_follow_the_module(family, tiny_tokenizer):
+    lens = lv.Lens(models.build(family), tiny_tokenizer)
+    head = lens.unembed_module
+    torch.manual_seed(1)
+    head.bias = torch.nn.Parameter(torch.randn(head.out_features, dtype=head.weight.dtype))
+    tr = lens.trace(PROMPT, target=" Paris")
+    v = torch.stack([tr.resid(layer) for layer in range(lens.n_layers)])
+    p = full_probs(lens, v)
+    fast = lens.project(v, k=4, target=" Paris")  # plain Linear: matmul + bias into a reused buffer
+    assert torch.equal(fast.ids, p.topk(4, dim=-1).indices)
+    assert torch.allclose(fast.probs.double(), p.topk(4, dim=-1).values, atol=1e-6)
+    tid = tr.target_id
+    assert torch.equal(fast.target_rank, (p > p[..., tid:tid + 1]).sum(-1))
+    head.__class__ = BiasedHead  # same weights, generic path
+    generic = lens.project(v, k=4, target=" Paris")
+    assert torch.equal(generic.ids, fast.ids) and torch.equal(generic.target_rank, fast.target_rank)
+    assert torch.allclose(generic.probs, fast.probs, atol=1e-12)
+
+
+def test_half_precision_models_rank_in_float32(tiny_tokenizer):
+    lens = lv.Lens(models.build("llama", dtype=torch.bfloat16), tiny_tokenizer)
+    tr = lens.trace(PROMPT, target=" Paris", backward=False)
+    v = torch.stack([tr.resid(layer) for layer in range(lens.n_layers)])
+    got = lens.project(v, k=3, target=" Paris")
+    p = full_probs(lens, v)
+    assert got.probs.dtype == torch.float32
+    assert torch.equal(got.ids, p.topk(3, dim=-1).indices)
+    assert torch.allclose(got.probs, p.topk(3, dim=-1).values, atol=1e-6)
+    tid = tr.target_id
+    assert torch.equal(got.target_rank, (p > p[..., tid:tid + 1]).sum(-1))
 
 
 @pytest.mark.parametrize("family,odd", [("llama", True), ("gpt2", False)])
