@@ -100,6 +100,7 @@ def _encode(value):
 def export_html(explorer_or_trace, path, *, title: str | None = None) -> pathlib.Path:
     """Write one self-contained HTML file showing the explorer (or a trace) offline; returns the path."""
     from .trace import Trace
+    from .views import payload
     from .views.explorer import STATIC, Explorer
 
     if isinstance(explorer_or_trace, Trace):
@@ -111,7 +112,13 @@ def export_html(explorer_or_trace, path, *, title: str | None = None) -> pathlib
     state = {k: v for k, v in ex.get_state().items() if not k.startswith("_") or k == "_modules"}
     state["_explorer"] = (STATIC / "explorer.js").read_text()
     replies = {}
-    for req in _requests(ex):
+    requests = _requests(ex)
+    cells = [r for r in requests if r["what"] == "cell"]  # answered together: one batched projection
+    for req, meta in zip(cells, payload.cell_topks(ex.trace, [(r["layer"], r["position"]) for r in cells], ex.site)):
+        replies[_key(req)] = {"meta": meta, "buffers": []}
+    for req in requests:
+        if req["what"] == "cell":
+            continue
         try:
             meta, buffers = ex.answer(req)
         except LensvizError:

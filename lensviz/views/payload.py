@@ -55,11 +55,20 @@ def logit_lens_grid(trace, site: str = "post") -> tuple[dict, list[bytes]]:
 
 def cell_topk(trace, layer: int, position: int, site: str = "post", k: int = 10) -> dict:
     """Top-k tokens of one logit-lens cell with probabilities and the target's rank."""
-    v = trace.resid(layer, site)[position]
+    return cell_topks(trace, [(layer, position)], site, k)[0]
+
+
+def cell_topks(trace, cells, site: str = "post", k: int = 10) -> list[dict]:
+    """`cell_topk` for many (layer, position) cells at once: one batched projection."""
+    cells = [(int(layer), int(position)) for layer, position in cells]
+    if not cells:
+        return []
+    v = torch.stack([trace.resid(layer, site)[position] for layer, position in cells])
     top = trace._lens.project(v, k=k, target=trace.target_id)
-    return {"layer": int(layer), "position": int(position), "site": site, "target_rank": int(top.target_rank),
-            "norm": float(v.norm()),
-            "top": [{"token": t, "prob": float(p)} for t, p in zip(top.tokens, top.probs.tolist())]}
+    tokens, probs, ranks, norms = top.tokens, top.probs.tolist(), top.target_rank.tolist(), v.norm(dim=-1).tolist()
+    return [{"layer": layer, "position": position, "site": site, "target_rank": int(ranks[i]), "norm": float(norms[i]),
+             "top": [{"token": t, "prob": float(p)} for t, p in zip(tokens[i], probs[i])]}
+            for i, (layer, position) in enumerate(cells)]
 
 
 def head_norms(trace) -> tuple[dict, list[bytes]]:

@@ -57,6 +57,14 @@ def test_cell_neurons_backward_flow_answers(ex):
     cell, _ = ex.answer({"what": "cell", "layer": 2, "position": 4, "site": "mid"})
     top = ex.lens.project(ex.trace.resid(2, "mid")[4], k=10, target=ex.trace.target_id)
     assert [t["token"] for t in cell["top"]] == top.tokens and cell["target_rank"] == int(top.target_rank)
+    cells = [(layer, p) for layer in range(ex.lens.n_layers) for p in (0, 4, len(ex.trace) - 1)]
+    batched = payload.cell_topks(ex.trace, cells, "mid")  # what export_html precomputes in one projection
+    single = [ex.answer({"what": "cell", "layer": la, "position": p, "site": "mid"})[0] for la, p in cells]
+    assert len(batched) == len(single) == 3 * ex.lens.n_layers
+    for b, s in zip(batched, single):
+        assert [t["token"] for t in b["top"]] == [t["token"] for t in s["top"]]
+        assert (b["layer"], b["position"], b["target_rank"]) == (s["layer"], s["position"], s["target_rank"])
+        assert [t["prob"] for t in b["top"]] == pytest.approx([t["prob"] for t in s["top"]], abs=1e-9)
     neurons, _ = ex.answer({"what": "neurons", "layer": 1, "position": 3})
     a = ex.trace.mlp_activations(1)[3]
     w = ex.lens.adapter.as_in_out(ex.lens.weight(1, "mlp_out"))
