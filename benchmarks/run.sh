@@ -1,7 +1,17 @@
 #!/usr/bin/env bash
-# The benchmark in one command: set up .venv with the `bench` extra (TransformerLens, nnsight, psutil),
-# then time lens.trace against plain HF, TransformerLens and nnsight. Flags go to bench_trace.py:
-#   bash benchmarks/run.sh --reps 5 --lengths 16,64,256 --mem-lengths 1024,16,64,256
+# The benchmarks in one command: set up .venv with the `bench` extra (TransformerLens, nnsight, psutil,
+# bertviz, circuitsvis), then
+#   1. lens.trace against plain HF, TransformerLens and nnsight (bench_trace.py; flags go to it:
+#      bash benchmarks/run.sh --reps 5 --lengths 16,64,256 --mem-lengths 1024,16,64,256),
+#   2. the lens and patch figures (bench_lenses.py: logit lens vs the matmul + top-k floor, value search,
+#      composition scores, patched vs unpatched traces),
+#   3. with LENSVIZ_BENCH_WIDGET=1 also the Explorer widget against bertviz / circuitsvis (bench_widget.py,
+#      JupyterLab + Chromium, ~7 min).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh bench && .venv/bin/python benchmarks/bench_trace.py "$@"
+bash scripts/setup.sh bench
+.venv/bin/python benchmarks/bench_trace.py "$@"
+.venv/bin/python benchmarks/bench_lenses.py
+if [ "${LENSVIZ_BENCH_WIDGET:-0}" = 1 ]; then
+    .venv/bin/python benchmarks/bench_widget.py
+fi

@@ -71,6 +71,9 @@ class AttentionEdit:
 
     scores: list = field(default_factory=list)
     probs: list = field(default_factory=list)
+    keep: list = field(default_factory=list)  # fns (scores [B, H, q, T]) -> bool [B, H, q, T], True = key kept:
+    # a key selection computed without grad from the scaled, masked scores; alone it runs as a boolean
+    # mask of the fused attention kernel (top-k attention), else before the score edits
     outputs: list = field(default_factory=list)  # fns (out [B, H, T, d]) -> out, on every path
     added: list = field(default_factory=list)  # maps P [H, T, T] added to the probabilities (A + P):
     # applied as out += P @ V, so the fused attention kernel still computes A @ V
@@ -99,6 +102,8 @@ def explicit_attention(query, key, value, mask, scaling, edit: AttentionEdit | N
         rows = slice(start, min(t_q, start + chunk))
         scores = torch.matmul(query[:, :, rows], k.transpose(-1, -2)) * scaling
         scores = scores.masked_fill(~allowed[rows], float("-inf"))
+        if edit is not None and edit.keep:
+            scores = scores.masked_fill(~kept_keys(scores.detach(), edit.keep), float("-inf"))
         for fn in (edit.scores if edit else ()):
             scores = fn(scores, rows)
         probs = torch.softmax(scores, dim=-1).to(value.dtype)
@@ -110,6 +115,33 @@ def explicit_attention(query, key, value, mask, scaling, edit: AttentionEdit | N
     return torch.cat(outs, dim=2)
 
 
+def kept_keys(scores: torch.Tensor, fns) -> torch.Tensor:
+    """The keys every selection in `fns` keeps: bool like `scores` [B, H, q, T] (scaled and masked)."""
+    with torch.no_grad():
+        keep = fns[0](scores)
+        for fn in fns[1:]:
+            keep = keep & fn(scores)
+    return keep
+
+
+def keep_mask(query, key, mask, scaling, fns, chunk: int | None = None) -> torch.Tensor:
+    """Boolean attention mask [B, H, T_q, T_k] (True = attend) of the keys that are allowed by `mask`
+    and kept by the selections `fns`, computed without grad over query chunks."""
+    k = repeat_kv(key, query.shape[1] // key.shape[1])
+    t_q, t_k = query.shape[2], key.shape[2]
+    allowed = causal_allowed(mask, t_q, t_k, query.device)
+    if chunk is None:
+        chunk = max(1, QUERY_CHUNK_BYTES // (query.shape[0] * query.shape[1] * t_k * query.element_size()))
+    parts = []
+    with torch.no_grad():
+        for start in range(0, t_q, chunk):
+            rows = slice(start, min(t_q, start + chunk))
+            scores = torch.matmul(query[:, :, rows], k.transpose(-1, -2)) * scaling
+            scores = scores.masked_fill_(~allowed[rows], float("-inf"))
+            parts.append(kept_keys(scores, fns) & allowed[rows])
+    return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+
+
 def lensviz_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention function. query [B, H, T, d], key/value [B, H_kv, S, d] (after RoPE).
     Returns ([B, T, H, d], None) as the interface requires."""
@@ -118,12 +150,17 @@ def lensviz_attention(module, query, key, value, attention_mask, scaling=None, d
     rec = _ACTIVE.get()
     layer = rec.layer_of_attn.get(id(module)) if rec is not None else None
     edit = rec.attn_edits.get(layer) if rec is not None and layer is not None else None
+    if rec is not None and rec.prompt_mask is not None:  # SegmentMask under lens.patched (prefill only)
+        attention_mask = rec.prompt_mask.apply(attention_mask, query, key)
     if edit is None or not edit.explicit:
         n_rep = query.shape[1] // key.shape[1]
         k, v = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
         is_causal = attention_mask is None and query.shape[2] > 1 and getattr(module, "is_causal", True)
+        attn_mask = attention_mask
+        if edit is not None and edit.keep:  # e.g. top-k: the kept keys as a boolean mask of the fused kernel
+            attn_mask, is_causal = keep_mask(query, key, attention_mask, scaling, edit.keep), False
         out = F.scaled_dot_product_attention(
-            query, k, v, attn_mask=attention_mask, dropout_p=dropout, is_causal=is_causal, scale=scaling
+            query, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal, scale=scaling
         )
         for p in (edit.added if edit is not None else ()):
             if p.shape[-1] != v.shape[-2] or p.shape[-2] != query.shape[-2]:
@@ -150,6 +187,7 @@ class Recorder:
     layer_of_attn: dict = field(default_factory=dict)
     attn_edits: dict = field(default_factory=dict)  # layer -> AttentionEdit
     layer_causal: bool = False
+    prompt_mask: "PromptMask | None" = None  # lens.patched + SegmentMask: the prefill mask of the model's calls
 
     def edit(self, layer: int) -> AttentionEdit:
         """The (created on first use) attention edit of a layer, for patches to add to."""
@@ -363,6 +401,7 @@ class PatchContext:
     base: object = None  # an unpatched Trace of the same prompt and target, when the run has one
     lens: object = None
     model_kwargs: dict = field(default_factory=dict)
+    own_calls: bool = False  # True in lens.patched: the caller makes the model calls (forward, generate, ...)
 
     def block(self, layer: int):
         return self.adapter.blocks_of(self.model)[layer]
@@ -378,12 +417,122 @@ class PatchContext:
         handle = module.register_forward_hook(fn, prepend=True)
         self.stack.callback(handle.remove)
 
+    def mask_prompt(self, allowed: torch.Tensor) -> None:
+        """Let the prompt's tokens attend as `allowed` [P, P] says (bool, True = may attend; P =
+        len(input_ids)) in the forward pass that encodes the prompt. In lens.trace: a 4-D mask for the
+        run's one forward. In lens.patched: applied to every model call that encodes the prompt from
+        position 0 (generate's prefill, or a plain forward over prompt + more tokens, whose later rows
+        stay causal); cached one-token decoding steps keep the causal mask over the whole cache
+        (methods-2 §4.4). See `PromptMask`."""
+        if not self.own_calls:
+            device = self.input_ids.device if self.lens is None else self.lens.unembed_device
+            self.model_kwargs["attention_mask"] = allowed[None, None].to(device)
+            return
+        if self.rec.prompt_mask is not None:
+            raise LensvizError("lens.patched takes one SegmentMask at a time")
+        n = len(self.input_ids)
+        causal = torch.ones(n, n, dtype=torch.bool).tril()
+        pm = PromptMask(self.input_ids.detach().to("cpu"), allowed.to("cpu") & ~causal)
+        self.rec.prompt_mask = pm
+        path = self.adapter.blocks.rpartition(".")[0]
+        backbone = self.model.get_submodule(path)  # "" -> the model itself
+        self.pre_hook(backbone, pm.before_call, with_kwargs=True)
+        self.forward_hook(backbone, pm.after_call)
+
     def replace_block_input(self, layer: int, fn) -> None:
         """fn(hidden [B, T, D]) -> new hidden, for block `layer`'s input."""
         def hook(mod, args, kwargs):
             return _replace_hidden(args, kwargs, fn(_args_hidden(args, kwargs)))
 
         self.pre_hook(self.block(layer), hook, with_kwargs=True)
+
+
+def _cache_length(kwargs) -> int:
+    """Tokens already in the KV cache passed to a backbone call (0 without a cache)."""
+    for name in ("cache", "past_key_values"):  # transformers renamed past_key_values -> cache in 5.x
+        cache = kwargs.get(name)
+        if cache is not None and hasattr(cache, "get_seq_length"):
+            return int(cache.get_seq_length())
+    return 0
+
+
+class PromptMask:
+    """A prompt mask (SegmentMask) for the calls a caller makes inside lens.patched, e.g. model.generate.
+
+    A forward pre-hook on the backbone looks at each call. A call starting at position 0 (empty or no
+    cache) must be given input_ids that start with the prompt's P ids (every batch row, no padding in
+    the first P positions): in its attention calls the keys the prompt mask adds beyond causal, `extra`
+    [P, P], are allowed in the top-left P x P block; rows after P stay causal (a longer input = the
+    extended mask). Calls that start at or after P (cached decoding) are left alone: causal over the
+    whole, MAS-encoded cache. A call starting inside the prompt (chunked prefill, a cache that holds
+    part of it) raises LensvizError, since its cache could not have been encoded with the mask.
+    A cache the caller built outside the block is not checked."""
+
+    def __init__(self, prompt_ids: torch.Tensor, extra: torch.Tensor):
+        self.prompt_ids = prompt_ids
+        self.extra = extra
+        self.changes = bool(extra.any())
+        self.n_queries = None  # the query length of the prefill call in progress, else None
+        self._full = {}
+
+    def before_call(self, module, args, kwargs):
+        self.n_queries, self._full = None, {}
+        ids = kwargs.get("input_ids")
+        if ids is None and args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
+            ids = args[0]
+        x = ids if ids is not None else kwargs.get("inputs_embeds")
+        if x is None:
+            return None
+        p, past = len(self.prompt_ids), _cache_length(kwargs)
+        if past >= p:
+            return None
+        if past > 0:
+            raise LensvizError(
+                f"SegmentMask needs the whole prompt ({p} tokens) encoded in one forward pass, but this call "
+                f"starts at position {past}, inside the prompt (chunked prefill such as prefill_chunk_size, or "
+                "a cache holding part of the prompt, is not supported)")
+        if ids is None:
+            raise LensvizError("SegmentMask in lens.patched needs input_ids (not inputs_embeds), so it can check "
+                               "that they start with the base trace's prompt")
+        want = self.prompt_ids.to(ids.device)
+        if ids.dim() == 2 and 0 < ids.shape[1] < p and bool((ids == want[:ids.shape[1]]).all()):
+            raise LensvizError(
+                f"SegmentMask needs the whole prompt ({p} tokens) encoded in one forward pass, but this call encodes "
+                f"only its first {ids.shape[1]} (chunked prefill such as prefill_chunk_size is not supported)")
+        if ids.dim() != 2 or ids.shape[1] < p or not bool((ids[:, :p] == want).all()):
+            got = f"{ids.shape[-1]} input ids" if ids.shape[-1] < p else "input ids that do not start with them"
+            raise LensvizError(
+                f"SegmentMask masks the base trace's prompt ({p} tokens), but the model was called with {got}: "
+                "generate from the traced prompt's ids (extra tokens after them are fine), e.g. "
+                "lens.model.generate(base.input_ids[None], ...)")
+        pad = kwargs.get("attention_mask")
+        if isinstance(pad, torch.Tensor) and pad.dim() == 2 and not bool(pad[:, :p].bool().all()):
+            raise LensvizError("SegmentMask: the attention_mask marks padding inside the prompt; give the prompt "
+                               "unpadded (padding, if any, after it)")
+        self.n_queries = ids.shape[1]
+        return None
+
+    def after_call(self, module, args, output):
+        self.n_queries, self._full = None, {}
+
+    def apply(self, mask, query, key):
+        """The attention mask of one attention call with the prompt mask added (prefill calls only)."""
+        if self.n_queries is None or not self.changes:
+            return mask
+        t, s, p = query.shape[-2], key.shape[-2], len(self.prompt_ids)
+        if t != self.n_queries or s < p:
+            raise LensvizError(f"SegmentMask cannot place its {p} x {p} mask in an attention call with {t} queries "
+                               f"and {s} keys (expected {self.n_queries} queries over at least {p} keys)")
+        extra = self._full.get((t, s, query.device))
+        if extra is None:
+            extra = torch.zeros(t, s, dtype=torch.bool, device=query.device)
+            extra[:p, :p] = self.extra.to(query.device)
+            self._full[(t, s, query.device)] = extra
+        if mask is None:  # plain causal (sdpa's is_causal): build it, as a boolean mask sdpa takes as well
+            return (torch.ones(t, s, dtype=torch.bool, device=query.device).tril(s - t) | extra)[None, None]
+        if mask.dtype == torch.bool:
+            return mask | extra
+        return mask.masked_fill(extra, 0.0)
 
 
 @contextmanager
@@ -415,17 +564,20 @@ def reused_prefix(model, adapter: Adapter, base_post: list, upto: int, device_of
 @contextmanager
 def patched(model, adapter: Adapter, dims: Dims, patches, *, base=None, lens=None):
     """Install `patches` (and lensviz's attention function) for any model call made inside, e.g.
-    `model.generate`; everything is removed on exit. Nothing is recorded for the caller."""
+    `model.generate`; everything is removed on exit. Nothing is recorded for the caller.
+    `base` (a Trace) gives patches the prompt they refer to: SegmentMask masks the prefill over its
+    ids (and its segments when its prompt was a list), see `PromptMask`."""
     rec = Recorder(dims.n_layers, adapter.is_parallel(model.config), False)
     ids = base.input_ids if base is not None else torch.zeros(0, dtype=torch.long)
+    segments = base.segments if base is not None and isinstance(base.prompt, (list, tuple)) else None
     with ExitStack() as stack:
         stack.enter_context(installed(model, adapter, rec))
-        ctx = PatchContext(model, adapter, dims, rec, stack, ids, None, None if base is None else base.target_id,
-                           base, lens)
+        ctx = PatchContext(model, adapter, dims, rec, stack, ids, segments, None if base is None else base.target_id,
+                           base, lens, own_calls=True)
         for patch in patches:
             patch.install(ctx)
         if ctx.model_kwargs:
-            raise LensvizError("this patch changes the model's inputs (e.g. SegmentMask) and works only inside "
+            raise LensvizError("this patch changes the model's inputs and works only inside "
                                "lens.trace(..., patches=...)")
         yield
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import operator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
@@ -16,6 +17,25 @@ from .errors import LensvizError, UnsupportedModelError
 from .trace import Trace
 
 GRADIENT_MODES = ("standard", "layer_causal")
+# generate() arguments Lens.generate sets itself (it returns one sequence, with its per-step logits)
+_GENERATE_OWN = ("input_ids", "inputs", "inputs_embeds", "attention_mask", "max_length", "return_dict_in_generate",
+                 "output_logits", "output_scores")
+
+
+@dataclass(frozen=True)
+class Generation:
+    """What `Lens.generate` returns. prompt_ids [P]; ids [n] the new tokens (n <= max_new_tokens: it stops
+    at an end-of-sequence token); tokens: each new token decoded; text: the new tokens decoded together;
+    logits [n, V]: the logits each new token was chosen from (the model's float dtype, CPU)."""
+
+    prompt_ids: torch.Tensor
+    ids: torch.Tensor
+    tokens: list
+    text: str
+    logits: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.ids)
 
 
 class Lens:
@@ -212,7 +232,9 @@ class Lens:
         """Inside the block every call of `self.model` (forward, generate, ...) runs with `patches`;
         on leaving, also by an exception, no hook remains and the attention implementation is restored.
         Patches that need an unpatched run (self-patching AttentionPatch, NeuronPatch mode "on",
-        ShiftEdit) need `base`, a trace of the prompt they refer to. SegmentMask works only in `trace`."""
+        ShiftEdit) need `base`, a trace of the prompt they refer to. SegmentMask needs `base` too: it masks
+        the prefill forward over base's prompt (calls must start with base's ids) and leaves cached
+        one-token decoding steps causal (methods-2 §4.4)."""
         from .patches.base import Patch
 
         for p in patches:
@@ -223,6 +245,73 @@ class Lens:
             p.validate(self, len(base) if base is not None else None)
         with capture.patched(self.model, self.adapter, self.dims, patches, base=base, lens=self):
             yield self
+
+    def generate(self, prompt, max_new_tokens: int = 20, *, patches=(), **generate_kwargs) -> Generation:
+        """Continue `prompt` (str or list of str segments, as in `trace`) by up to `max_new_tokens` tokens with
+        `self.model.generate` (greedy unless generate_kwargs say otherwise, KV cache on) inside
+        `self.patched(*patches)`. Patches that need a base trace get `self.trace(prompt, backward=False)`;
+        with `SegmentMask` the prompt is encoded with the MAS mask in one prefill forward and the new tokens
+        are decoded causally over that cache (methods-2 §4.4). generate_kwargs go to `model.generate`
+        (not the inputs, lengths or output flags, which this sets; one sequence: no num_beams /
+        num_return_sequences > 1). Returns a `Generation` (new ids, their text, per-step logits [n, V])."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise LensvizError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        if not isinstance(patches, (tuple, list)):
+            raise LensvizError(f"patches must be a tuple or list of patches, got {type(patches).__name__}")
+        from .patches import ActivationPatch, AttentionPatch, Patch
+
+        for p in patches:
+            if not isinstance(p, Patch):
+                raise LensvizError(f"patches must be lensviz patches (e.g. lv.SegmentMask), got {type(p).__name__}")
+            if isinstance(p, ActivationPatch) or (isinstance(p, AttentionPatch) and p.eta != 0):
+                raise LensvizError(f"{type(p).__name__} acts on one prompt's [T]-sized positions or [T, T] maps and "
+                                   "cannot apply to generate's decoding steps: use lens.trace(prompt, patches=...)")
+        own = [k for k in _GENERATE_OWN if k in generate_kwargs]
+        if own:
+            raise LensvizError(f"Lens.generate sets {own} itself: give the prompt and max_new_tokens, or call "
+                               "self.model.generate inside `with lens.patched(...)` for full control")
+        for name in ("num_beams", "num_return_sequences"):
+            if generate_kwargs.get(name, 1) != 1:
+                raise LensvizError(f"Lens.generate returns one sequence ({name} must be 1): for beam search call "
+                                   "lens.model.generate inside `with lens.patched(...)`")
+        ids, _ = self.encode(prompt)
+        if len(ids) + max_new_tokens > self.max_tokens:
+            raise LensvizError(f"the prompt is {len(ids)} tokens and max_new_tokens {max_new_tokens}: together more "
+                               f"than the {self.max_tokens} tokens this model accepts")
+        for p in patches:
+            p.validate(self, len(ids))
+        base = None
+        if any(p.needs_base or getattr(p, "needs_prompt", False) for p in patches):
+            base = self.trace(prompt, backward=False)
+        kwargs = {"do_sample": False, **generate_kwargs}
+        if "pad_token_id" not in kwargs and getattr(self.model.generation_config, "pad_token_id", None) is None:
+            pad = self.tokenizer.pad_token_id
+            pad = self.tokenizer.eos_token_id if pad is None else pad
+            if pad is not None:
+                kwargs["pad_token_id"] = pad
+        steps = []
+
+        def keep(mod, args, out):
+            if out.shape[0] != 1:
+                raise LensvizError("Lens.generate returns one sequence; the generation config asks for a batch of "
+                                   f"{out.shape[0]} (num_beams / num_return_sequences)")
+            steps.append(out[0, -1].detach().to("cpu", copy=True))
+
+        input_ids = ids[None].to(capture.input_device(self.model, self.adapter))
+        handle = self.unembed_module.register_forward_hook(keep)
+        try:
+            with capture.frozen_eval(self.model), self.patched(*patches, base=base), torch.no_grad():
+                out = self.model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
+                                          max_new_tokens=max_new_tokens, **kwargs)
+        finally:
+            handle.remove()
+        seq = out.sequences if hasattr(out, "sequences") else out
+        new = seq[0, len(ids):].detach().to("cpu")
+        if len(steps) < len(new):  # pragma: no cover - one unembedding call per generated token
+            raise LensvizError(f"generate made {len(new)} tokens from {len(steps)} forward passes")
+        logits = torch.stack(steps[:len(new)]) if len(new) else torch.zeros(0, self.vocab_size)
+        return Generation(prompt_ids=ids, ids=new, tokens=[self.decode(i) for i in new.tolist()],
+                          text=self.tokenizer.decode(new.tolist()), logits=logits)
 
     def trace(self, prompt, target=None, *, patches=(), backward: bool = True, gradient: str = "standard",
               base: Trace | None = None) -> Trace:

@@ -129,13 +129,15 @@ class Trace:
         """softmax of the (possibly patched, e.g. top-k) scores: the A that Reversed Attention differentiates."""
         q, k, _ = self.qkv(layer)
         edit = self._edit(layer)
-        if edit is None or not edit.scores:
+        if edit is None or not (edit.scores or edit.keep):
             return attention_probs(q, k, self._data["scaling"][layer], self._allowed(layer))
-        from .capture import explicit_attention  # noqa: F401  (same edits as the run)
+        from .capture import kept_keys  # the same key selections and score edits as the run
 
         k = repeat_kv(k, q.shape[-3] // k.shape[-3])
         scores = torch.matmul(q, k.transpose(-1, -2)) * self._data["scaling"][layer]
         scores = scores.masked_fill(~self._allowed(layer), float("-inf"))[None]
+        if edit.keep:
+            scores = scores.masked_fill(~kept_keys(scores, edit.keep), float("-inf"))
         for fn in edit.scores:
             scores = fn(scores, slice(0, len(self)))
         return torch.softmax(scores, dim=-1)[0]

@@ -85,18 +85,17 @@ class TopKAttention(Patch):
         heads = check_heads(self.heads, ctx.lens)
         k = self.k
 
-        def edit(scores, rows):
+        def keep(scores):  # scores [B, H, q, T], scaled and masked: the k largest per query are kept
             kk = min(k, scores.shape[-1])
-            idx = scores.topk(kk, dim=-1).indices
-            keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, idx, True)
+            kept = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, scores.topk(kk, dim=-1).indices, True)
             if len(heads) < scores.shape[1]:
                 others = torch.ones(scores.shape[1], dtype=torch.bool, device=scores.device)
                 others[list(heads)] = False
-                keep |= others[None, :, None, None]
-            return scores.masked_fill(~keep, float("-inf"))
+                kept |= others[None, :, None, None]
+            return kept
 
         for layer in check_layers(self.layers, ctx.lens):
-            ctx.rec.edit(layer).scores.append(edit)
+            ctx.rec.edit(layer).keep.append(keep)
 
 
 def topk_fidelity(lens, prompt, ks=(1, 2, 4, 8, 16, 32), layers=None) -> list[dict]:

@@ -52,6 +52,8 @@ def _check_spans(spans, n_tokens) -> list[tuple[int, int]]:
             if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end <= n_tokens):
                 raise LensvizError(f"segment ({start}, {end}) is not a [start, end) span inside 0..{n_tokens}")
             out.append((start, end))
+    except LensvizError:  # a ValueError too: keep the specific message
+        raise
     except (TypeError, ValueError):
         raise LensvizError(f"segments must be a list of (start, end) token spans, got {spans!r}") from None
     out.sort()
@@ -64,9 +66,18 @@ def _check_spans(spans, n_tokens) -> list[tuple[int, int]]:
 @dataclass(frozen=True)
 class SegmentMask(Patch):
     """Block-plus-causal prefill mask. segments=None: the prompt's parts when it was given as a list of
-    segments, else the system/user turns of a chat-formatted prompt ("auto"); or explicit [start, end) spans."""
+    segments, else the system/user turns of a chat-formatted prompt ("auto"); or explicit [start, end) spans.
+
+    In `lens.trace(prompt, patches=...)` it masks the run's forward pass. In
+    `with lens.patched(SegmentMask(...), base=trace): lens.model.generate(...)` (or `lens.generate`) it
+    masks the prefill forward over `trace`'s prompt (the spans are resolved against `trace`'s tokens and
+    segments); the cached one-token decoding steps keep the causal mask, so generated tokens see the
+    whole MAS-encoded prompt (methods-2 §4.4). The ids given to generate must start with the trace's
+    ids (more tokens after them are causal), else LensvizError."""
 
     segments: object = None
+    #: lens.patched needs base=<a trace of the prompt> to know which tokens to mask (Lens.generate makes one)
+    needs_prompt = True
 
     def resolve(self, tokens: list[str], parts: list | None) -> list[tuple[int, int]]:
         if self.segments == "auto" or (self.segments is None and parts is None):
@@ -81,16 +92,16 @@ class SegmentMask(Patch):
 
     def validate(self, lens, n_tokens):
         if n_tokens is None:
-            raise LensvizError("SegmentMask changes the model's inputs and works only inside lens.trace(..., patches=...)")
+            raise LensvizError("SegmentMask in lens.patched needs base=<a trace of the prompt it masks>, e.g. "
+                               "lens.trace(prompt, backward=False); without one it works only inside "
+                               "lens.trace(..., patches=...)")
         if self.segments is not None and self.segments != "auto":
             _check_spans(self.segments, n_tokens)
 
     def install(self, ctx):
         tokens = [ctx.lens.decode(i) for i in ctx.input_ids.tolist()]
         spans = self.resolve(tokens, ctx.segments)
-        mask = segment_mask(spans, len(tokens))
-        device = ctx.input_ids.device if ctx.lens is None else ctx.lens.unembed_device
-        ctx.model_kwargs["attention_mask"] = mask[None, None].to(device)
+        ctx.mask_prompt(segment_mask(spans, len(tokens)))
 
     def to_data(self, trace) -> dict:
         """The mask and its segments as plain data for a widget: {"segments": [[s, e], ...], "mask": T x T 0/1}."""

@@ -120,9 +120,28 @@ def test_topk_rows_and_renormalisation(lens):  # §5.6 checks 2, 3, 4, 5
         rho = (exact * kept).sum(-1, keepdim=True)
         assert torch.allclose(a_k[kept], (exact / rho)[kept], atol=1e-12)
         vv = v.repeat_interleave(n_rep, 0)
+        # what the run computed (fused kernel with the kept keys as a boolean mask) is A_k V
+        assert torch.allclose(tr.head_values(layer), a_k @ vv, atol=1e-12)
         err = ((a_k - exact) @ vv).norm(dim=-1)
         bound = 2 * (1 - rho[..., 0]) * vv.norm(dim=-1).max(dim=-1).values[:, None]
         assert torch.all(err <= bound + 1e-12)
+
+
+def test_topk_key_selection_runs_as_a_mask_and_does_not_depend_on_chunks(lens):
+    tr = lens.trace(PROMPT, target=" Paris", patches=(lv.TopKAttention(2),))
+    edit = tr._edit(1)
+    assert edit.keep and not edit.explicit  # the fused kernel runs, with a boolean mask
+    q, k, _ = (x[None] for x in tr.qkv(1))
+    whole = capture.keep_mask(q, k, None, tr.attention_scaling(1), edit.keep)
+    assert whole.dtype == torch.bool and torch.equal(whole[0], tr.attention(1) > 0)
+    for chunk in (1, 3):
+        assert torch.equal(capture.keep_mask(q, k, None, tr.attention_scaling(1), edit.keep, chunk=chunk), whole)
+    # the same selection on the explicit path (with a no-op score edit) gives the same run
+    both = capture.AttentionEdit(keep=list(edit.keep), scores=[lambda s, rows: s])
+    v = tr.qkv(1)[2][None]
+    fused = tr.head_values(1)
+    explicit = capture.explicit_attention(q, k, v, None, tr.attention_scaling(1), both)[0]
+    assert torch.allclose(explicit, fused, atol=1e-12)
 
 
 def test_topk_scope_to_layers_and_heads(lens):
