@@ -34,16 +34,24 @@ def check_index(value, size: int, what: str) -> int:
     return value % size
 
 
-def check_layer_list(layers, n_layers: int, *, sort: bool = True) -> list[int]:
-    """None -> every layer; an int -> [it]; a non-empty list -> checked indices (negatives resolved),
-    sorted and de-duplicated unless sort=False (then in the given order)."""
+def check_layer_list(layers, n_layers: int, *, sort: bool = True, what: str = "layers") -> list[int]:
+    """None -> every layer; an int -> [it]; a non-empty list, tuple, range or other iterable of ints
+    (numpy / tensor indices too) -> checked indices (negatives resolved), sorted and de-duplicated unless
+    sort=False (then in the given order). `what` names the argument in error messages."""
     if layers is None:
         return list(range(n_layers))
     if isinstance(layers, int) and not isinstance(layers, bool):
         layers = [layers]
-    if not isinstance(layers, (list, tuple, range)) or len(layers) == 0:
-        raise LensvizError(f"layers must be None, an int or a non-empty list of ints, got {layers!r}")
-    checked = [check_index(layer, n_layers, "layer") for layer in layers]
+    if isinstance(layers, (str, bytes, dict)):
+        items = None
+    else:
+        try:
+            items = list(layers)
+        except TypeError:
+            items = None
+    if not items:
+        raise LensvizError(f"{what} must be None, an int or a non-empty list of ints, got {layers!r}")
+    checked = [check_index(layer, n_layers, "layer") for layer in items]
     return sorted(set(checked)) if sort else checked
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import LensvizError
-from ..trace import check_index
+from ..trace import check_index, check_layer_list
 
 
 @dataclass(frozen=True)
@@ -31,17 +31,7 @@ class Patch:
 
 def check_layers(layers, lens, what: str = "layers") -> tuple[int, ...]:
     """None -> every layer; an int or an iterable of ints -> checked, normalised, sorted, unique."""
-    if layers is None:
-        return tuple(range(lens.n_layers))
-    if isinstance(layers, int) and not isinstance(layers, bool):
-        layers = [layers]
-    try:
-        items = list(layers)
-    except TypeError:
-        raise LensvizError(f"{what} must be None, an int or a list of ints, got {layers!r}") from None
-    if not items:
-        raise LensvizError(f"{what} is empty")
-    return tuple(sorted({check_index(x, lens.n_layers, "layer") for x in items}))
+    return tuple(check_layer_list(layers, lens.n_layers, what=what))
 
 
 def check_heads(heads, lens) -> tuple[int, ...]:
