@@ -256,13 +256,10 @@ class Lens:
         num_return_sequences > 1). Returns a `Generation` (new ids, their text, per-step logits [n, V])."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise LensvizError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-        if not isinstance(patches, (tuple, list)):
-            raise LensvizError(f"patches must be a tuple or list of patches, got {type(patches).__name__}")
-        from .patches import ActivationPatch, AttentionPatch, Patch
+        _check_patches(patches, "lv.SegmentMask")
+        from .patches import ActivationPatch, AttentionPatch
 
         for p in patches:
-            if not isinstance(p, Patch):
-                raise LensvizError(f"patches must be lensviz patches (e.g. lv.SegmentMask), got {type(p).__name__}")
             if isinstance(p, ActivationPatch) or (isinstance(p, AttentionPatch) and p.eta != 0):
                 raise LensvizError(f"{type(p).__name__} acts on one prompt's [T]-sized positions or [T, T] maps and "
                                    "cannot apply to generate's decoding steps: use lens.trace(prompt, patches=...)")
@@ -331,13 +328,7 @@ class Lens:
             raise LensvizError(f"backward must be True or False, got {backward!r}")
         if gradient not in GRADIENT_MODES:
             raise LensvizError(f"gradient must be one of {GRADIENT_MODES}, got {gradient!r}")
-        if not isinstance(patches, (tuple, list)):
-            raise LensvizError(f"patches must be a tuple or list of patches, got {type(patches).__name__}")
-        from .patches.base import Patch
-
-        for p in patches:
-            if not isinstance(p, Patch):
-                raise LensvizError(f"patches must be lensviz patches (e.g. lv.HeadAblation), got {type(p).__name__}")
+        _check_patches(patches, "lv.HeadAblation")
         if backward and torch.is_inference_mode_enabled():
             raise LensvizError("lens.trace(backward=True) cannot run inside torch.inference_mode(): gradients need "
                                "autograd. Leave the inference_mode block, or pass backward=False")
@@ -381,6 +372,17 @@ class Lens:
             layer_losses=data.pop("layer_losses"),
             prompt=prompt if isinstance(prompt, str) else list(prompt),
         )
+
+
+def _check_patches(patches, example: str) -> None:
+    """A tuple or list of lensviz patches, else LensvizError (naming `example` as one)."""
+    from .patches.base import Patch
+
+    if not isinstance(patches, (tuple, list)):
+        raise LensvizError(f"patches must be a tuple or list of patches, got {type(patches).__name__}")
+    for p in patches:
+        if not isinstance(p, Patch):
+            raise LensvizError(f"patches must be lensviz patches (e.g. {example}), got {type(p).__name__}")
 
 
 @contextmanager

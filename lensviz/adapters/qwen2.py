@@ -1,23 +1,9 @@
-"""Qwen2 / Qwen2.5: the Llama layout with biases on q/k/v (RMSNorm, RoPE, GQA, SwiGLU)."""
-from .base import Adapter
+"""Qwen2 / Qwen2.5: the Llama layout with biases on q/k/v (RMSNorm, RoPE, GQA, SwiGLU).
 
-ADAPTER = Adapter(
-    family="qwen2",
-    model_types=("qwen2",),
-    embed="model.embed_tokens",
-    blocks="model.layers",
-    final_norm="model.norm",
-    unembed="lm_head",
-    ln1="input_layernorm",
-    attn="self_attn",
-    ln2="post_attention_layernorm",
-    mlp="mlp",
-    o_proj="self_attn.o_proj",
-    mlp_in="mlp.up_proj",
-    mlp_gate="mlp.gate_proj",
-    mlp_out="mlp.down_proj",
-    q_proj="self_attn.q_proj",
-    k_proj="self_attn.k_proj",
-    v_proj="self_attn.v_proj",
-    notes="q/k/v projections carry a bias",
-)
+The module tree is Llama's, part for part; the biases need no field (they are read from the modules).
+"""
+from dataclasses import replace
+
+from .llama import ADAPTER as LLAMA
+
+ADAPTER = replace(LLAMA, family="qwen2", model_types=("qwen2",), notes="q/k/v projections carry a bias")
