@@ -35,6 +35,7 @@ MODULES = [
     ("lensviz.lenses.neurons", "LM-Debugger: neurons and value search"),
     ("lensviz.lenses.embedding_space", "Parameters in embedding space"),
     ("lensviz.lenses.composition", "Talking Heads: composition and SVD channels"),
+    ("lensviz.lenses.icl", "In-context learning vs gradient descent (SimAOU, SimAM)"),
     ("lensviz.patches", "Patches (interventions)"),
     ("lensviz.views.explorer", "The Explorer widget"),
     ("lensviz.views.magic", "The %%lensviz cell magic"),

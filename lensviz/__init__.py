@@ -12,6 +12,7 @@ from .loading import load
 from .patches import (ActivationPatch, AttentionPatch, HeadAblation, NeuronPatch, SegmentMask, ShiftEdit,
                       TopKAttention, compare)
 from .trace import Trace
+from .lenses import icl  # noqa: F401  (lv.icl / lv.lenses.icl: ICL vs GD, methods-2 §6)
 
 
 

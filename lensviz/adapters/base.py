@@ -27,6 +27,22 @@ class Dims:
     vocab_size: int
 
 
+@dataclass(frozen=True, eq=False)
+class ProjSlice:
+    """Where the q, k or v projection of one block lives among its parameters.
+
+    `path` is block-level (e.g. "self_attn.k_proj", GPT-2 "attn.c_attn"), `name` the parameter
+    ("weight" or "bias"; the bias entry is listed even where the family has none: check it exists),
+    `dim` the axis of that parameter holding the projection's output features, and `index` the output
+    features [n] (LongTensor) that belong to `role`, or None when the whole parameter is that role's."""
+
+    role: str  # "q" | "k" | "v"
+    path: str
+    name: str
+    dim: int
+    index: torch.Tensor | None = None
+
+
 def _default_d_mlp(config) -> int:
     return int(config.intermediate_size)
 
@@ -130,6 +146,31 @@ class Adapter:
         for i, key in enumerate("qkv"):
             out[key] = ws[i]
             out["b" + key] = None if bs is None else bs[i]
+        return out
+
+    def proj_slices(self, dims: Dims, roles: str = "kv") -> list[ProjSlice]:
+        """The parameter slices of one block that are its `roles` projections (any of "q", "k", "v"),
+        e.g. the attention keys and values for roles="kv". Separate projections give whole tensors
+        (index None); a fused qkv gives the output features of each role: GPT-2's "concat" [q | k | v]
+        (columns of the Conv1D weight), GPT-NeoX's "per_head" [q k v] for every head (rows of the
+        Linear weight). The same layout `qkv_by_head` reads."""
+        out_dim = 1 if self.weight_layout == "conv1d" else 0
+        out = []
+        for role in roles:
+            if role not in "qkv":
+                raise ValueError(f"roles must be letters of 'qkv', got {roles!r}")
+            if self.qkv is None:
+                path = getattr(self, f"{role}_proj")
+                out += [ProjSlice(role, path, "weight", out_dim), ProjSlice(role, path, "bias", 0)]
+                continue
+            i, d, n_heads = "qkv".index(role), dims.d_head, dims.n_heads
+            if self.qkv_split == "concat":  # feature i*H*d + h*d + j
+                index = torch.arange(i * n_heads * d, (i + 1) * n_heads * d)
+            elif self.qkv_split == "per_head":  # feature h*3d + i*d + j
+                index = (torch.arange(n_heads)[:, None] * 3 * d + i * d + torch.arange(d)[None]).reshape(-1)
+            else:
+                raise ValueError(f"{self.family}: unknown qkv_split {self.qkv_split!r}")
+            out += [ProjSlice(role, self.qkv, "weight", out_dim, index), ProjSlice(role, self.qkv, "bias", 0, index)]
         return out
 
     def o_by_head(self, weight: torch.Tensor, n_heads: int, d_head: int) -> torch.Tensor:
