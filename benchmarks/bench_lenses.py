@@ -1,49 +1,84 @@
 """Lens and patch figures on SmolLM2, interleaved in one process (medians and min-ratios):
 logit lens over all layers x positions against the bare matmul + top-k floor (and its extra memory),
-and patched traces against an unpatched trace at T=64.
+value-vector search latency, composition scores of all head pairs, and patched traces against an
+unpatched trace at T=64.
+
+Two floors: "floor" is the naive chunked torch.mm + topk (a fresh [chunk, V] tensor per chunk, the
+issue's "bare matmul + top-k"); "tight floor" writes every chunk into one reused buffer (no page
+faults), the fastest matmul + top-k we know. The logit lens also does the final norm, the softmax
+normaliser and the target rank on top of them.
 
     .venv/bin/python benchmarks/bench_lenses.py
 """
 from __future__ import annotations
 
-import gc
 import os
 import statistics
-import threading
+import tempfile
 import time
 
-import psutil
 import torch
 
 import lensviz as lv
+from bench_trace import PeakRSS  # same folder: the memory probe of the trace benchmark
 
 
-def peak_mb(fn):
-    gc.collect()
-    proc, base, peak, stop = psutil.Process(), psutil.Process().memory_info().rss, [0], [False]
-
-    def watch():
-        while not stop[0]:
-            peak[0] = max(peak[0], proc.memory_info().rss)
-            time.sleep(0.001)
-
-    t = threading.Thread(target=watch)
-    t.start()
-    out = fn()
-    stop[0] = True
-    t.join()
+def peak_mb(fn) -> float:
+    """Peak memory of one call above the memory at entry, in MB: the kernel's exact VmHWM (reset at entry,
+    after gc + malloc_trim) where Linux gives it, else the 1 ms RSS samples (bench_trace.PeakRSS)."""
+    with PeakRSS() as m:
+        out = fn()
     del out
-    return (peak[0] - base) / 2**20
+    return m.hwm_mb if m.hwm_mb is not None else m.peak_mb
 
 
 def timed(cases, reps=6):
+    """Round-robin repetitions (the first one a warm-up); each repetition starts with the next case, so
+    machine load and cache state hit all cases alike."""
     ts = {k: [] for k in cases}
-    for _ in range(reps + 1):
-        for k, f in cases.items():
+    names = list(cases)
+    for r in range(reps + 1):
+        for k in names[r % len(names):] + names[:r % len(names)]:
             t = time.perf_counter()
-            f()
+            cases[k]()
             ts[k].append(time.perf_counter() - t)
     return {k: v[1:] for k, v in ts.items()}
+
+
+def value_search_lines(lens) -> list[str]:
+    """Build the value-vector index (all layers, k=50) cold and from the disk cache, then time queries."""
+    from lensviz.lenses.neurons import build_value_index
+
+    with tempfile.TemporaryDirectory() as cache:
+        t = time.perf_counter()
+        build_value_index(lens, cache_dir=cache)
+        cold = time.perf_counter() - t
+        t = time.perf_counter()
+        index = build_value_index(lens, cache_dir=cache)
+        warm = time.perf_counter() - t
+    words = [" Paris", " France", " city", " the", " dog", " Rome", " water", " king", " red", " music"] * 5
+    qs = []
+    for w in words:
+        t = time.perf_counter()
+        index.query(w, limit=20)
+        qs.append(time.perf_counter() - t)
+    return ["", f"Value-vector search ({len(index)} values x k={index.k}): index built in {cold:.1f} s cold, "
+            f"{warm:.2f} s from the disk cache; query median {statistics.median(qs) * 1e3:.2f} ms, "
+            f"max {max(qs) * 1e3:.2f} ms over {len(qs)} queries (goal < 50 ms)."]
+
+
+def composition_lines(lens) -> list[str]:
+    """Composition scores of all head pairs (Q-, K-, V-composition), the first call and a repeat."""
+    from lensviz.lenses.composition import all_composition_scores
+
+    times = []
+    for _ in range(2):
+        t = time.perf_counter()
+        scores = all_composition_scores(lens)
+        times.append(time.perf_counter() - t)
+    shape = tuple(next(iter(scores.values())).shape)
+    return ["", f"Composition scores, all head pairs {shape} x modes {sorted(scores)}: "
+            f"{times[0]:.2f} s first call, {times[1]:.2f} s repeat."]
 
 
 def main():
@@ -53,7 +88,8 @@ def main():
     text_ids = tok("The quick brown fox jumps over the lazy dog. " * 60)["input_ids"]
     w_t = lens.unembed_module.weight.detach().T.contiguous()
     lines = [f"# Lens and patch figures (SmolLM2), load {os.getloadavg()}", ""]
-    lines += ["| T | logit lens median s | floor median s | median-ratio | min-ratio | extra peak MB |", "|---|---|---|---|---|---|"]
+    lines += ["| T | logit lens median s | floor median s | median-ratio | min-ratio | tight floor median s | "
+              "ratio to tight (median / min) | extra peak MB, median of 3 |", "|---|---|---|---|---|---|---|---|"]
     for T in (64, 256):
         prompt = tok.decode(text_ids[:T])
         tr = lens.trace(prompt, backward=False)
@@ -68,10 +104,22 @@ def main():
             with torch.no_grad():
                 return [torch.mm(rows[i:i + chunk], w_t).topk(10, dim=-1) for i in range(0, rows.shape[0], chunk)]
 
-        ts = timed({"lens": lens_run, "floor": floor})
-        mem = peak_mb(lens_run)
-        m, f = statistics.median(ts["lens"]), statistics.median(ts["floor"])
-        lines.append(f"| {T} | {m:.3f} | {f:.3f} | {m / f:.2f}x | {min(ts['lens']) / min(ts['floor']):.2f}x | {mem:.0f} |")
+        def tight_floor():  # the same matmuls into one reused buffer, then top-k
+            chunk = max(1, 64 * 2**20 // (4 * lens.vocab_size))
+            buf = torch.empty(chunk, lens.vocab_size)
+            with torch.no_grad():
+                out = []
+                for i in range(0, rows.shape[0], chunk):
+                    x = rows[i:i + chunk]
+                    out.append(torch.mm(x, w_t, out=buf[:x.shape[0]]).topk(10, dim=-1))
+                return out
+
+        ts = timed({"lens": lens_run, "floor": floor, "tight": tight_floor})
+        mems = sorted(peak_mb(lens_run) for _ in range(3))
+        m, f, tf = (statistics.median(ts[k]) for k in ("lens", "floor", "tight"))
+        lines.append(f"| {T} | {m:.3f} | {f:.3f} | {m / f:.2f}x | {min(ts['lens']) / min(ts['floor']):.2f}x | {tf:.3f} | "
+                     f"{m / tf:.2f}x / {min(ts['lens']) / min(ts['tight']):.2f}x | {mems[1]:.0f} (max {mems[-1]:.0f}) |")
+    lines += value_search_lines(lens) + composition_lines(lens)
     prompt = tok.decode(text_ids[:64])
     base = lens.trace(prompt)
     tid = base.target_id
@@ -83,7 +131,7 @@ def main():
             prompt, target=tid, patches=(lv.AttentionPatch(-2.0),), base=base),
         "TopKAttention(k=8)": lambda: lens.trace(prompt, target=tid, patches=(lv.TopKAttention(8),)),
     }
-    ts = timed(cases)
+    ts = timed(cases, reps=10)
     ref, ref_min = statistics.median(ts["unpatched"]), min(ts["unpatched"])
     lines += ["", "Patched trace vs unpatched (forward + backward), T=64:", "",
               "| run | median s | min s | median-ratio | min-ratio |", "|---|---|---|---|---|"]

@@ -72,6 +72,30 @@ def test_chunking_does_not_change_results(tiny, monkeypatch):
     assert whole.target_rank.dtype == torch.long
 
 
+@pytest.mark.parametrize("group", [7, 8])  # 320 = 45 * 7 + 5 (a tail that fills no group) and 40 * 8
+def test_two_stage_topk_equals_plain_topk(tiny, monkeypatch, group):
+    tr = tiny.trace(PROMPT, target=" Paris")
+    v = torch.stack([tr.resid(layer, "mid") for layer in range(tiny.n_layers)])
+    p = full_probs(tiny, v)
+    monkeypatch.setattr(vocab, "TOPK_GROUP", group)
+    for k in (1, 5, 20):
+        for bottom in (False, True):
+            got = tiny.project(v, k=k, target=" Paris", bottom=bottom)
+            want = p.topk(k, dim=-1, largest=not bottom)
+            assert torch.equal(got.ids, want.indices)
+            assert torch.allclose(got.probs.double(), want.values, rtol=1e-6, atol=1e-30)
+    monkeypatch.setattr(vocab, "BLOCK_BYTES", 4 * tiny.vocab_size * 3)  # the row-block edges change nothing
+    assert torch.equal(tiny.project(v, k=5).ids, p.topk(5, dim=-1).indices)
+    x = torch.randn(6, 1000, dtype=torch.float64)
+    x[:, 990:] += 10  # the winners in the tail columns
+    x[0, :64] = x[0, 0]  # ties inside a group: any of the tied columns, with the tied value
+    for k in (3, 10):
+        for largest in (True, False):
+            idx = vocab._topk_indices(x, k, largest=largest)
+            want = x.topk(k, dim=-1, largest=largest).values
+            assert torch.equal(x.gather(1, idx), want) and all(len(set(row)) == k for row in idx.tolist())
+
+
 class BiasedHead(torch.nn.Linear):
     """An unembedding that is not a plain nn.Linear (lensviz then calls the module itself)."""
 
