@@ -12,6 +12,7 @@ normaliser and the target rank on top of them.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import statistics
 import tempfile
@@ -43,6 +44,22 @@ def timed(cases, reps=6):
             cases[k]()
             ts[k].append(time.perf_counter() - t)
     return {k: v[1:] for k, v in ts.items()}
+
+
+def working_set_lines(runs: dict) -> list[str]:
+    """The logit lens's own working set: peak memory with glibc's mmap threshold fixed at 128 KiB
+    (mallopt, this process only, set last because it cannot be undone), so that every freed block of
+    more than 128 KiB goes back to the OS. With the default dynamic threshold, glibc keeps some freed
+    heap memory after a call, and how much depends on what ran before (the column above)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        if libc.mallopt(-3, 128 * 1024) != 1:  # M_MMAP_THRESHOLD
+            return []
+    except OSError:
+        return []
+    mems = {T: sorted(peak_mb(run) for _ in range(3)) for T, run in runs.items()}
+    return ["", "Logit-lens working set (glibc mmap threshold fixed at 128 KiB): "
+            + ", ".join(f"T={T}: {m[1]:.0f} MB (max {m[-1]:.0f})" for T, m in mems.items()) + "."]
 
 
 def value_search_lines(lens) -> list[str]:
@@ -88,6 +105,7 @@ def main():
     text_ids = tok("The quick brown fox jumps over the lazy dog. " * 60)["input_ids"]
     w_t = lens.unembed_module.weight.detach().T.contiguous()
     lines = [f"# Lens and patch figures (SmolLM2), load {os.getloadavg()}", ""]
+    runs = {}
     lines += ["| T | logit lens median s | floor median s | median-ratio | min-ratio | tight floor median s | "
               "ratio to tight (median / min) | extra peak MB, median of 3 |", "|---|---|---|---|---|---|---|---|"]
     for T in (64, 256):
@@ -116,6 +134,7 @@ def main():
 
         ts = timed({"lens": lens_run, "floor": floor, "tight": tight_floor})
         mems = sorted(peak_mb(lens_run) for _ in range(3))
+        runs[T] = lens_run
         m, f, tf = (statistics.median(ts[k]) for k in ("lens", "floor", "tight"))
         lines.append(f"| {T} | {m:.3f} | {f:.3f} | {m / f:.2f}x | {min(ts['lens']) / min(ts['floor']):.2f}x | {tf:.3f} | "
                      f"{m / tf:.2f}x / {min(ts['lens']) / min(ts['tight']):.2f}x | {mems[1]:.0f} (max {mems[-1]:.0f}) |")
@@ -138,6 +157,7 @@ def main():
     for k, v in ts.items():
         lines.append(f"| {k} | {statistics.median(v):.3f} | {min(v):.3f} | {statistics.median(v) / ref:.2f}x | "
                      f"{min(v) / ref_min:.2f}x |")
+    lines += working_set_lines(runs)
     lines.append(f"\nload at end {os.getloadavg()}")
     text = "\n".join(lines)
     print(text)

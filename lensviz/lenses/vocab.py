@@ -58,14 +58,17 @@ def project(lens, vectors: torch.Tensor, k: int = 10, *, target=None, normalize:
     lead = vectors.shape[:-1]
     rows = vectors.reshape(-1, lens.d_model)
     ids, probs, ranks = [], [], []
+    scratch = _Scratch()  # block-sized temporaries, reused: no allocator churn, nothing held afterwards
     with torch.no_grad():
         for logits in _logit_chunks(lens, rows, normalize):
             for block in _row_blocks(logits):
                 top = _topk_indices(block, k, largest=not bottom)
                 ids.append(top.cpu())
-                probs.append(torch.softmax(block, dim=-1).gather(1, top).float().cpu())
+                soft = torch.softmax(block, dim=-1, out=scratch.like(block, "softmax"))
+                probs.append(soft.gather(1, top).float().cpu())
                 if tid is not None:
-                    ranks.append((block > block[:, tid:tid + 1]).sum(-1, dtype=torch.int32).cpu())
+                    above = torch.gt(block, block[:, tid:tid + 1], out=scratch.like(block, "above", torch.bool))
+                    ranks.append(above.sum(-1, dtype=torch.int32).cpu())
     ids = torch.cat(ids).reshape(*lead, k)
     probs = torch.cat(probs).reshape(*lead, k)
     rank = torch.cat(ranks).to(torch.long).reshape(lead) if tid is not None else None
@@ -111,6 +114,21 @@ def _plain_linear(module):
             or not isinstance(weight, torch.Tensor) or weight.device.type == "meta" or weight.dim() != 2):
         return None, None
     return weight, module.bias
+
+
+class _Scratch:
+    """Reused temporaries shaped like a block: `like(block, name, dtype)` -> an uninitialised tensor."""
+
+    def __init__(self):
+        self._bufs = {}
+
+    def like(self, block: torch.Tensor, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        dtype = dtype or block.dtype
+        buf = self._bufs.get(name)
+        if (buf is None or buf.shape[0] < block.shape[0] or buf.shape[1:] != block.shape[1:] or buf.dtype != dtype
+                or buf.device != block.device):
+            buf = self._bufs[name] = torch.empty(block.shape, dtype=dtype, device=block.device)
+        return buf[:block.shape[0]]
 
 
 def _topk_indices(block: torch.Tensor, k: int, largest: bool = True) -> torch.Tensor:
