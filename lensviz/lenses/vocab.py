@@ -64,7 +64,7 @@ def project(lens, vectors: torch.Tensor, k: int = 10, *, target=None, normalize:
             for block in _row_blocks(logits):
                 top = _topk_indices(block, k, largest=not bottom)
                 ids.append(top.cpu())
-                soft = torch.softmax(block, dim=-1, out=scratch.like(block, "softmax"))
+                soft = scratch.softmax(block)
                 probs.append(soft.gather(1, top).float().cpu())
                 if tid is not None:
                     above = torch.gt(block, block[:, tid:tid + 1], out=scratch.like(block, "above", torch.bool))
@@ -129,6 +129,13 @@ class _Scratch:
                 or buf.device != block.device):
             buf = self._bufs[name] = torch.empty(block.shape, dtype=dtype, device=block.device)
         return buf[:block.shape[0]]
+
+    def softmax(self, block: torch.Tensor) -> torch.Tensor:
+        """softmax over the last dim, written into a reused block (a fresh one where torch has no out=)."""
+        try:
+            return torch.softmax(block, dim=-1, out=self.like(block, "softmax"))
+        except (TypeError, RuntimeError):  # pragma: no cover - torch builds without softmax.int_out
+            return torch.softmax(block, dim=-1)
 
 
 def _topk_indices(block: torch.Tensor, k: int, largest: bool = True) -> torch.Tensor:
