@@ -298,8 +298,8 @@ def test_demonstration_keys_reach_sim_am_only_through_the_query_tokens(lens, fam
 
 
 # the SGD update and the layer-causal gradient ---------------------------------------------------------------
-def test_one_sgd_step_equals_plain_autograd_on_kv_only(lens, family):
-    ft = icl.finetune(lens, DEMOS[:1], lr=LR)
+def kv_trainable_copy(lens, family):
+    """A deep copy of the model with only its K/V-holding parameters requiring grad: (copy, names, named)."""
     ref = copy.deepcopy(lens.model)
     names = kv_names(ref, family)
     named = dict(ref.named_parameters())
@@ -307,6 +307,12 @@ def test_one_sgd_step_equals_plain_autograd_on_kv_only(lens, family):
         p.requires_grad_(False)
     for n in names:
         named[n].requires_grad_(True)
+    return ref, names, named
+
+
+def test_one_sgd_step_equals_plain_autograd_on_kv_only(lens, family):
+    ft = icl.finetune(lens, DEMOS[:1], lr=LR)
+    ref, names, named = kv_trainable_copy(lens, family)
     ids, n_label = example_ids(lens.tokenizer, DEMOS[0])
     label_ce(ref(ids[None]).logits[0], ids, n_label).backward()
     assert sorted(ft.updated) == names  # only parameters holding K/V are updated
@@ -324,13 +330,8 @@ def test_one_sgd_step_equals_plain_autograd_on_kv_only(lens, family):
 
 def test_one_epoch_equals_torch_sgd_with_q_gradients_zeroed(lens, family):
     ft = icl.finetune(lens, DEMOS, lr=LR)
-    ref = copy.deepcopy(lens.model)
-    names = kv_names(ref, family)
-    named = dict(ref.named_parameters())
-    for p in ref.parameters():
-        p.requires_grad_(False)
+    ref, names, named = kv_trainable_copy(lens, family)
     for n in names:
-        named[n].requires_grad_(True)
         mask = kv_mask(ref, family, n)
         named[n].register_hook(lambda g, mask=mask: g * mask)  # spec §6.7: zero the Q part of c_attn's grad
     opt = torch.optim.SGD([named[n] for n in names], lr=LR)
