@@ -137,8 +137,8 @@ class KernelProfiler:
     def _install(self):
         import lensviz.capture as capture
         import lensviz.lenses.reversed as rev
-        import lensviz.lenses.vocab as vocab
         import lensviz.patches as patches
+        import lensviz.trace as trace_module
         from lensviz.lens import Lens
         from lensviz.trace import Trace
         from lensviz.views import explorer as E
@@ -147,7 +147,7 @@ class KernelProfiler:
         def trace_label(self_, prompt, target=None, *, patches=(), backward=True, **kw):
             return f"Lens.trace({'patched' if patches else 'unpatched'}, backward={backward})"
 
-        def run_label(model, adapter, dims, ids, resolve, *, backward=True, patches=(), reuse_upto=0, **kw):
+        def run_label(lens, ids, *, backward=True, patches=(), reuse_upto=0, **kw):
             return (f"  capture.run({'patched' if patches else 'unpatched'}, backward={backward}, "
                     f"reuse_upto={reuse_upto})")
 
@@ -158,7 +158,7 @@ class KernelProfiler:
         self._wrap(Lens, "trace", trace_label)
         self._wrap(capture, "run", run_label)
         self._wrap(Trace, "reversed_attention", "  Trace.reversed_attention (per layer)")
-        self._wrap(vocab, "logit_lens", "  vocab.logit_lens (uncached compute)")
+        self._wrap(trace_module, "project", "  vocab.logit_lens (uncached compute)")  # Trace.logit_lens's projection
         self._wrap(patches, "compare", "patches.compare (diff, incl. patched logit lens)")
         self._wrap(payload, "summary", "payload.summary")
         self._wrap(payload, "logit_lens_grid", "payload.logit_lens_grid")

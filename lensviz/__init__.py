@@ -12,19 +12,20 @@ from .loading import load
 from .patches import (ActivationPatch, AttentionPatch, HeadAblation, NeuronPatch, SegmentMask, ShiftEdit,
                       TopKAttention, compare)
 from .trace import Trace
-from .lenses import icl  # noqa: F401  (lv.icl / lv.lenses.icl: ICL vs GD, methods-2 §6)
+from .vocab import TopK
+
+_LAZY_MODULES = {"plot": ".plot", "icl": ".studies.icl"}  # lv.plot (matplotlib), lv.icl (ICL vs GD study)
 
 
-
-def __getattr__(name):  # the widget pulls in anywidget; import it only when asked for
+def __getattr__(name):  # the widget pulls in anywidget, plot matplotlib: import them only when asked for
     if name == "Explorer":
         from .views.explorer import Explorer
 
         return Explorer
-    if name == "plot":
+    if name in _LAZY_MODULES:
         import importlib
 
-        return importlib.import_module(".plot", __name__)
+        return importlib.import_module(_LAZY_MODULES[name], __name__)
     raise AttributeError(f"module 'lensviz' has no attribute {name!r}")
 
 
@@ -36,5 +37,5 @@ def load_ipython_extension(ipython):
 
 
 __all__ = ["Explorer", "plot", "export_html", "ActivationPatch", "AttentionPatch", "HeadAblation", "Lens", "LensvizError", "NeuronPatch", "SegmentMask",
-           "ShiftEdit", "TopKAttention", "Trace", "UnsupportedModelError", "compare", "load"]
+           "ShiftEdit", "TopK", "TopKAttention", "Trace", "UnsupportedModelError", "compare", "load"]
 __version__ = "0.1.0"

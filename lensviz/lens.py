@@ -13,8 +13,12 @@ import torch
 
 from . import capture
 from .adapters import adapter_for
+from .checks import check_index, check_token_ids
 from .errors import LensvizError, UnsupportedModelError
+from .hf import frozen_eval, input_device, materialized, module_device
+from .patches.base import Patch
 from .trace import Trace
+from .vocab import TopK, project
 
 GRADIENT_MODES = ("standard", "layer_causal")
 # generate() arguments Lens.generate sets itself (it returns one sequence, with its per-step logits)
@@ -99,7 +103,7 @@ class Lens:
 
     @property
     def unembed_device(self) -> torch.device:
-        return capture.module_device(self.unembed_module)
+        return module_device(self.unembed_module)
 
     @property
     def model_dtype(self) -> torch.dtype:
@@ -113,20 +117,16 @@ class Lens:
             self._token_strings = self.tokenizer.batch_decode(ids)
         return self._token_strings
 
-    def project(self, vectors, k: int = 10, *, target=None, normalize: bool = False, bottom: bool = False):
+    def project(self, vectors, k: int = 10, *, target=None, normalize: bool = False, bottom: bool = False) -> TopK:
         """Vocabulary projection proj(v) = softmax(W_U . N_f(v)) of vectors [..., D] (final norm with its
         affine parameters, then the unembedding). Returns `TopK` with leading dims [...]: ids/probs
         [..., k], tokens, and target_rank [...] when `target` (str or id) is given. normalize=True projects
         v / |v| (use it for gradients on LayerNorm models); bottom=True gives the k least probable tokens."""
-        from .lenses.vocab import project
-
         return project(self, vectors, k, target=target, normalize=normalize, bottom=bottom)
 
     # weights -----------------------------------------------------------------------------------------
     def weight(self, layer: int, part: str, name: str = "weight") -> torch.Tensor:
         """A block part's parameter (e.g. part="o_proj"), detached on CPU; loads offloaded weights."""
-        from .trace import check_index
-
         layer = check_index(layer, self.n_layers, "layer")
         parts = [f for f in ("ln1", "attn", "ln2", "mlp", "o_proj", "mlp_in", "mlp_out", "mlp_gate", "q_proj",
                              "k_proj", "v_proj", "qkv") if getattr(self.adapter, f) is not None]
@@ -137,7 +137,7 @@ class Lens:
         if not isinstance(name, str) or not isinstance(getattr(module, name, None), torch.Tensor):
             names = tuple(n for n, _ in module.named_parameters(recurse=False))
             raise LensvizError(f"{part} of layer {layer} has no parameter {name!r}; it has {names}")
-        with _materialized(self.model, path):
+        with materialized(self.model, path):
             return getattr(self.model.get_submodule(path), name).detach().to("cpu", copy=True)
 
     def param(self, layer: int, part: str, name: str = "weight") -> torch.Tensor | None:
@@ -153,8 +153,6 @@ class Lens:
         """Per-head attention parameters of a layer, [in, out] oriented, on CPU:
         q [H, D, d], k/v [H_kv, D, d], bq [H, d], bk/bv [H_kv, d] (or None), o [H, d, D], bo [D] or None.
         Head h's pre-RoPE query is x @ q[h] + bq[h]; its write to the residual is O_h @ o[h]."""
-        from .trace import check_index
-
         layer = check_index(layer, self.n_layers, "layer")
         out = self.adapter.qkv_by_head(lambda part, name: self.param(layer, part, name), self.dims)
         out["o"] = self.adapter.o_by_head(self.weight(layer, "o_proj"), self.n_heads, self.d_head)
@@ -190,15 +188,8 @@ class Lens:
         if len(ids) > self.max_tokens:
             raise LensvizError(
                 f"prompt is {len(ids)} tokens long; this model accepts at most {self.max_tokens}. Shorten it.")
-        self._check_ids(ids, "the prompt")
+        check_token_ids(ids, self.vocab_size, "the prompt")
         return torch.tensor(ids, dtype=torch.long), spans
-
-    def _check_ids(self, ids, what: str) -> None:
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise LensvizError(
-                f"the tokenizer turned {what} into token id {bad[0]}, outside the model's vocabulary "
-                f"[0, {self.vocab_size - 1}]: is this tokenizer the model's own?")
 
     def token_id(self, target) -> int:
         """The id of a target: str -> its first token (leading space matters), int -> checked id."""
@@ -219,7 +210,7 @@ class Lens:
             ids = self.tokenizer(target, add_special_tokens=False)["input_ids"]
             if not ids:
                 raise LensvizError(f"target {target!r} encodes to no token")
-            self._check_ids(ids[:1], f"the target {target!r}")
+            check_token_ids(ids[:1], self.vocab_size, f"the target {target!r}")
             return int(ids[0])
         raise LensvizError(f"target must be a str, an int token id or None, got {type(target).__name__}")
 
@@ -234,33 +225,29 @@ class Lens:
         Patches that need an unpatched run (self-patching AttentionPatch, NeuronPatch mode "on",
         ShiftEdit) need `base`, a trace of the prompt they refer to. SegmentMask needs `base` too: it masks
         the prefill forward over base's prompt (calls must start with base's ids) and leaves cached
-        one-token decoding steps causal (methods-2 §4.4)."""
-        from .patches.base import Patch
-
+        one-token decoding steps causal, so the new tokens read the prompt as the mask encoded it."""
         for p in patches:
             if not isinstance(p, Patch):
                 raise LensvizError(f"patched() takes lensviz patches, got {type(p).__name__}")
             if p.needs_base and base is None:
                 raise LensvizError(f"{type(p).__name__} needs base=<a trace of the prompt it refers to>")
             p.validate(self, len(base) if base is not None else None)
-        with capture.patched(self.model, self.adapter, self.dims, patches, base=base, lens=self):
+        with capture.patched(self, patches, base=base):
             yield self
 
     def generate(self, prompt, max_new_tokens: int = 20, *, patches=(), **generate_kwargs) -> Generation:
         """Continue `prompt` (str or list of str segments, as in `trace`) by up to `max_new_tokens` tokens with
         `self.model.generate` (greedy unless generate_kwargs say otherwise, KV cache on) inside
         `self.patched(*patches)`. Patches that need a base trace get `self.trace(prompt, backward=False)`;
-        with `SegmentMask` the prompt is encoded with the MAS mask in one prefill forward and the new tokens
-        are decoded causally over that cache (methods-2 §4.4). generate_kwargs go to `model.generate`
+        with `SegmentMask` the prompt is encoded with the segment mask in one prefill forward and the new tokens
+        are decoded causally over that cache. generate_kwargs go to `model.generate`
         (not the inputs, lengths or output flags, which this sets; one sequence: no num_beams /
         num_return_sequences > 1). Returns a `Generation` (new ids, their text, per-step logits [n, V])."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise LensvizError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
         _check_patches(patches, "lv.SegmentMask")
-        from .patches import ActivationPatch, AttentionPatch
-
         for p in patches:
-            if isinstance(p, ActivationPatch) or (isinstance(p, AttentionPatch) and p.eta != 0):
+            if not p.applies_while_decoding:
                 raise LensvizError(f"{type(p).__name__} acts on one prompt's [T]-sized positions or [T, T] maps and "
                                    "cannot apply to generate's decoding steps: use lens.trace(prompt, patches=...)")
         own = [k for k in _GENERATE_OWN if k in generate_kwargs]
@@ -278,7 +265,7 @@ class Lens:
         for p in patches:
             p.validate(self, len(ids))
         base = None
-        if any(p.needs_base or getattr(p, "needs_prompt", False) for p in patches):
+        if any(p.needs_base or p.needs_prompt for p in patches):
             base = self.trace(prompt, backward=False)
         kwargs = {"do_sample": False, **generate_kwargs}
         if "pad_token_id" not in kwargs and getattr(self.model.generation_config, "pad_token_id", None) is None:
@@ -294,10 +281,10 @@ class Lens:
                                    f"{out.shape[0]} (num_beams / num_return_sequences)")
             steps.append(out[0, -1].detach().to("cpu", copy=True))
 
-        input_ids = ids[None].to(capture.input_device(self.model, self.adapter))
+        input_ids = ids[None].to(input_device(self.model, self.adapter))
         handle = self.unembed_module.register_forward_hook(keep)
         try:
-            with capture.frozen_eval(self.model), self.patched(*patches, base=base), torch.no_grad():
+            with frozen_eval(self.model), self.patched(*patches, base=base), torch.no_grad():
                 out = self.model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
                                           max_new_tokens=max_new_tokens, **kwargs)
         finally:
@@ -337,7 +324,7 @@ class Lens:
         for p in patches:
             p.validate(self, len(ids))
         if base is not None:
-            if not isinstance(base, Trace) or base._lens is not self:
+            if not isinstance(base, Trace) or base.lens is not self:
                 raise LensvizError("base must be a Trace made by this Lens")
             if not torch.equal(base.input_ids, ids) or (fixed is not None and base.target_id != fixed):
                 raise LensvizError("base must be a trace of the same prompt and target")
@@ -348,54 +335,27 @@ class Lens:
         if fixed is None and base is not None:
             fixed = base.target_id  # a patched run explains the same token as its base
         reuse = min((p.first_layer(self) for p in patches), default=0) if patches else 0
-
-        def resolve(last_logits):
-            return int(last_logits.argmax()) if fixed is None else fixed
-
-        data = capture.run(self.model, self.adapter, self.dims, ids, resolve, backward=backward, gradient=gradient,
-                           patches=tuple(patches), segments=segments if not isinstance(prompt, str) else None,
-                           fixed_target=fixed, base=base, reuse_upto=reuse, lens=self)
-        tid = data["target_id"]
+        recording = capture.run(self, ids, target=fixed, backward=backward, gradient=gradient, patches=tuple(patches),
+                                segments=segments if not isinstance(prompt, str) else None, base=base,
+                                reuse_upto=reuse)
         return Trace(
             tokens=[self.decode(i) for i in ids.tolist()],
             input_ids=ids,
-            target_id=tid,
-            target=self.decode(tid),
-            loss=data.pop("loss"),
-            logits=data.pop("logits"),
+            target=self.decode(recording.target_id),
             segments=segments,
             has_backward=backward,
-            _data=data,
-            _lens=self,
+            recording=recording,
+            lens=self,
             gradient=gradient,
             patches=tuple(patches),
-            layer_losses=data.pop("layer_losses"),
             prompt=prompt if isinstance(prompt, str) else list(prompt),
         )
 
 
 def _check_patches(patches, example: str) -> None:
     """A tuple or list of lensviz patches, else LensvizError (naming `example` as one)."""
-    from .patches.base import Patch
-
     if not isinstance(patches, (tuple, list)):
         raise LensvizError(f"patches must be a tuple or list of patches, got {type(patches).__name__}")
     for p in patches:
         if not isinstance(p, Patch):
             raise LensvizError(f"patches must be lensviz patches (e.g. {example}), got {type(p).__name__}")
-
-
-@contextmanager
-def _materialized(model, path: str):
-    """Inside: the parameters under `path` are real tensors, also where accelerate offloaded them
-    (to CPU or disk): the nearest enclosing module with an offloading hook loads them."""
-    from accelerate.utils import align_module_device, has_offloaded_params
-
-    parts = path.split(".")
-    for n in range(len(parts), -1, -1):
-        module = model.get_submodule(".".join(parts[:n]))
-        if has_offloaded_params(module):
-            with align_module_device(module):
-                yield
-            return
-    yield

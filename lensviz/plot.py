@@ -8,6 +8,7 @@ import math
 
 import torch
 
+from .checks import check_index, check_layer_list
 from .errors import LensvizError
 
 __all__ = ["attention", "reversed_attention", "compare_maps", "head_norms", "logit_lens", "backward_lens",
@@ -71,9 +72,7 @@ def _figure(width: float, height: float, **kw):
 
 
 def _head(trace, layer, head) -> tuple[int, int]:
-    from .trace import check_index
-
-    return trace._layer(layer), check_index(head, trace.dims.n_heads, "head")
+    return check_index(layer, trace.n_layers, "layer"), check_index(head, trace.dims.n_heads, "head")
 
 
 def _token_ticks(ax, tokens, axis: str = "both", fontsize: float | None = None) -> None:
@@ -197,10 +196,9 @@ def head_norms(trace, kind: str = "reversed", layers=None):
     'Greens' (kind "forward"); the largest cell is outlined. Returns the Figure."""
     from matplotlib.patches import Rectangle
 
-    from .lenses.reversed import _layers
     from .lenses.reversed import head_norms as norms_of
 
-    rows = _layers(trace, layers)
+    rows = check_layer_list(layers, trace.n_layers)
     norms = _np(norms_of(trace, kind, rows)).T  # [H, L]
     n_h, n_l = norms.shape
     fig = _figure(max(4.2, 1.8 + 0.32 * n_l), max(2.8, 1.4 + 0.3 * n_h))
@@ -254,9 +252,7 @@ def logit_lens(trace, site: str = "post", k: int = 1, colour: str = "prob", laye
         raise LensvizError(f"colour must be 'prob' or 'rank', got {colour!r}")
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 5:
         raise LensvizError(f"k must be an int in [1, 5] (tokens written per cell), got {k!r}")
-    from .lenses.reversed import _layers
-
-    rows = _layers(trace, layers)
+    rows = check_layer_list(layers, trace.n_layers)
     top = trace.logit_lens(k=k, site=site)
     toks = top.tokens
     texts = [["\n".join(token_label(s, 9) for s in toks[layer][t]) for t in range(len(trace))] for layer in rows]
@@ -265,7 +261,7 @@ def logit_lens(trace, site: str = "post", k: int = 1, colour: str = "prob", laye
         cmap, norm, what = _cmap("Blues"), Normalize(0.0, 1.0), "top-1 probability"
     else:
         values = _np(top.target_rank[rows]) + 1.0
-        vocab = trace._lens.vocab_size
+        vocab = trace.lens.vocab_size
         cmap, norm, what = _cmap("Purples_r"), LogNorm(1.0, float(vocab)), f"rank of {_quoted(trace.target)} (1 = top)"
     n_t = len(trace)
     fig = _figure(2.0 + 0.85 * n_t, 1.6 + (0.2 + 0.17 * k) * len(rows))
@@ -278,7 +274,7 @@ def logit_lens(trace, site: str = "post", k: int = 1, colour: str = "prob", laye
 
 
 def backward_lens(trace, layers=None, *, normalize: bool | None = None, sign: int = 1):
-    """The Backward Lens tables (paper §2.5): "FF1 hidden states (x_i) projection" (white→blue) above
+    """The Backward Lens tables (as drawn in the paper): "FF1 hidden states (x_i) projection" (white→blue) above
     "FF2 VJPs (δ_i) projection" (white→purple), each [layer × token] with the last layer on top. Cell
     text is "top-1 \\ bottom-1" token of the projection ("· 0 ·" where the vector is zero: a position
     with no path to the loss, e.g. every position but the last in the last layer); the colour is
@@ -418,7 +414,7 @@ def flow_graph(trace, position: int = -1, layers=None, *, graph: dict | None = N
         else:
             colours.append(EDGE_COLOURS.get(e["kind"], "#95a5a6"))
     ax.add_collection(LineCollection(segs, linewidths=widths, colors=colours, alpha=0.45, zorder=1))
-    vocab = trace._lens.vocab_size
+    vocab = trace.lens.vocab_size
     cmap, norm = _cmap(RANK_COLOURS, "lensviz_rank"), LogNorm(1.0, float(vocab))
     xy = np.array([pos[n["id"]] for n in nodes])
     rank = np.array([n.get("target_rank", vocab // 2) + 1.0 for n in nodes])

@@ -1,4 +1,5 @@
-"""Trace: what one forward + backward pass recorded, and the maps derived from it on demand.
+"""Trace: what one forward + backward pass recorded (a capture `Recording`), and the maps derived from
+it on demand.
 
 Stored per layer: residuals (pre / mid / post), q, k, v after RoPE, the concatenated head outputs
 before W_O, MLP activations, and the gradients at the residual sites and at the head outputs.
@@ -7,88 +8,66 @@ holds n_layers * H * T^2 floats.
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 
 import torch
 
 from .adapters import Adapter, Dims
-from .capture import attention_probs, causal_allowed, repeat_kv
+from .attention import attention_probs, causal_allowed, edited_probs, edited_scores, repeat_kv
+from .capture import Recording
+from .checks import SITES, check_index, check_layer_list, check_site  # noqa: F401  (SITES, check_layer_list: re-exported)
 from .errors import LensvizError
-
-SITES = ("pre", "mid", "post")
-
-
-def check_index(value, size: int, what: str) -> int:
-    """A 0-based index into `size` items (negative counts from the end), or a LensvizError."""
-    ok = not isinstance(value, bool) and hasattr(value, "__index__")
-    if ok:
-        try:
-            value = operator.index(value)  # int, numpy integer, integer 0-d tensor
-        except TypeError:
-            ok = False
-    if not ok:
-        raise LensvizError(f"{what} must be an int in [{-size}, {size - 1}], got {value!r}")
-    if not -size <= value < size:
-        raise LensvizError(f"{what} {value} is out of range: this model has {size} ({-size}..{size - 1} allowed)")
-    return value % size
-
-
-def check_layer_list(layers, n_layers: int, *, sort: bool = True, what: str = "layers") -> list[int]:
-    """None -> every layer; an int -> [it]; a non-empty list, tuple, range or other iterable of ints
-    (numpy / tensor indices too) -> checked indices (negatives resolved), sorted and de-duplicated unless
-    sort=False (then in the given order). `what` names the argument in error messages."""
-    if layers is None:
-        return list(range(n_layers))
-    if isinstance(layers, int) and not isinstance(layers, bool):
-        layers = [layers]
-    if isinstance(layers, (str, bytes, dict)):
-        items = None
-    else:
-        try:
-            items = list(layers)
-        except TypeError:
-            items = None
-    if not items:
-        raise LensvizError(f"{what} must be None, an int or a non-empty list of ints, got {layers!r}")
-    checked = [check_index(layer, n_layers, "layer") for layer in items]
-    return sorted(set(checked)) if sort else checked
-
-
-def check_site(site) -> str:
-    if site not in SITES:
-        raise LensvizError(f"site must be one of {SITES}, got {site!r}")
-    return site
+from .hf import module_device
+from .vocab import TopK, project
 
 
 @dataclass(eq=False)
 class Trace:
     """One prompt run through the model: forward activations, gradients of the last-token NLL of
-    `target`, and per-layer derived maps. All tensors are detached, on CPU, in the model dtype."""
+    `target`, and per-layer derived maps. All tensors are detached, on CPU, in the model dtype.
+
+    `lens` is the Lens that made it; `recording` the raw capture (`capture.Recording`)."""
 
     tokens: list[str]
     input_ids: torch.Tensor  # [T]
-    target_id: int
     target: str
-    loss: float
-    logits: torch.Tensor  # [T, V]
     segments: list[tuple[int, int]]
     has_backward: bool
-    _data: dict = field(repr=False)
-    _lens: object = field(repr=False)
+    recording: Recording = field(repr=False)
+    lens: object = field(repr=False)
     gradient: str = "standard"
     patches: tuple = ()
-    layer_losses: list | None = None  # gradient="layer_causal": each layer's logit-lens NLL of the target
     prompt: object = None  # the prompt as given (str or list of segments)
+
+    # what the run computed --------------------------------------------------------------------------
+    @property
+    def target_id(self) -> int:
+        return self.recording.target_id
+
+    @property
+    def loss(self) -> float:
+        """L = -log softmax(logits[-1])[target]."""
+        return self.recording.loss
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """Output logits [T, V]."""
+        return self.recording.logits
+
+    @property
+    def layer_losses(self) -> list | None:
+        """gradient="layer_causal": each layer's logit-lens NLL of the target (else None)."""
+        losses = self.recording.layer_losses
+        return None if losses is None else list(losses)
 
     # shape helpers ---------------------------------------------------------------------------------
     @property
     def adapter(self) -> Adapter:
-        return self._lens.adapter
+        return self.lens.adapter
 
     @property
     def dims(self) -> Dims:
-        return self._lens.dims
+        return self.lens.dims
 
     @property
     def n_layers(self) -> int:
@@ -100,16 +79,19 @@ class Trace:
     def _layer(self, layer) -> int:
         return check_index(layer, self.n_layers, "layer")
 
+    def _site(self, name: str, layer: int):
+        return self.recording.at(name, layer)
+
     def _grad(self, name: str, layer: int) -> torch.Tensor:
         if not self.has_backward:
             raise LensvizError("this trace was run with backward=False: gradients were not recorded")
-        return self._data[name][layer]
+        return self._site(name, layer)
 
     # residual stream ---------------------------------------------------------------------------------
     def resid(self, layer: int, site: str = "post") -> torch.Tensor:
         """Residual stream [T, D] at `site`: "pre" block input, "mid" after attention, "post" block output
         (before the final norm)."""
-        return self._data[check_site(site)][self._layer(layer)]
+        return self._site(check_site(site), self._layer(layer))
 
     def resid_grad(self, layer: int, site: str = "post") -> torch.Tensor:
         """dL/d resid(layer, site), [T, D]. With a parallel residual (GPT-NeoX) "mid" is not a tensor of
@@ -120,47 +102,34 @@ class Trace:
     def qkv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q [H, T, d], k [H_kv, T, d], v [H_kv, T, d] as the attention saw them (q, k after RoPE)."""
         layer = self._layer(layer)
-        return self._data["q"][layer], self._data["k"][layer], self._data["v"][layer]
+        return self._site("q", layer), self._site("k", layer), self._site("v", layer)
 
     def attention_scaling(self, layer: int) -> float:
         """The score multiplier s of this layer (1/sqrt(d), or GPT-2's per-layer variant)."""
-        return self._data["scaling"][self._layer(layer)]
+        return self._site("scaling", self._layer(layer))
 
-    def _allowed(self, layer: int) -> torch.Tensor:
+    def attention_mask(self, layer: int) -> torch.Tensor:
+        """Bool [T, T], True where query i may attend key j in this layer (causal, segment masks included)."""
         t = len(self)
-        return causal_allowed(self._data["mask"][layer], t, t)
+        return causal_allowed(self._site("mask", self._layer(layer)), t, t)
 
     def _edit(self, layer: int):
-        return self._data.get("attn_edits", {}).get(layer)
+        return self.recording.attn_edits.get(layer)
 
     def _softmax(self, layer: int) -> torch.Tensor:
         """softmax of the (possibly patched, e.g. top-k) scores: the A that Reversed Attention differentiates."""
         q, k, _ = self.qkv(layer)
-        edit = self._edit(layer)
-        if edit is None or not (edit.scores or edit.keep):
-            return attention_probs(q, k, self._data["scaling"][layer], self._allowed(layer))
-        from .capture import kept_keys  # the same key selections and score edits as the run
-
-        k = repeat_kv(k, q.shape[-3] // k.shape[-3])
-        scores = torch.matmul(q, k.transpose(-1, -2)) * self._data["scaling"][layer]
-        scores = scores.masked_fill(~self._allowed(layer), float("-inf"))[None]
-        if edit.keep:
-            scores = scores.masked_fill(~kept_keys(scores, edit.keep), float("-inf"))
-        for fn in edit.scores:
-            scores = fn(scores, slice(0, len(self)))
-        return torch.softmax(scores, dim=-1)[0]
+        edit, scaling, allowed = self._edit(layer), self._site("scaling", layer), self.attention_mask(layer)
+        if edit is None or not edit.edits_scores():
+            return attention_probs(q, k, scaling, allowed)
+        k = repeat_kv(k, q.shape[-3] // k.shape[-3])  # the same key selections and score edits as the run
+        return torch.softmax(edited_scores(q[None], k[None], scaling, allowed, edit, slice(0, len(self))), dim=-1)[0]
 
     def attention(self, layer: int) -> torch.Tensor:
         """Attention probabilities A [H, T, T] the model used (rows sum to 1; zero above the diagonal).
         Under an AttentionPatch this is A' = A + eta * P; under TopKAttention the sparsified softmax."""
         layer = self._layer(layer)
-        probs = self._softmax(layer)
-        edit = self._edit(layer)
-        for fn in (edit.probs if edit is not None else ()):
-            probs = fn(probs[None], slice(0, len(self)))[0]
-        for p in (edit.added if edit is not None else ()):
-            probs = probs + p.to(probs.dtype)
-        return probs
+        return edited_probs(self._softmax(layer)[None], self._edit(layer), slice(0, len(self)))[0]
 
     def head_output_grad(self, layer: int) -> torch.Tensor:
         """delta_O [H, T, d]: dL/d of each head's output before W_O (the o_proj input)."""
@@ -175,31 +144,28 @@ class Trace:
         layer = self._layer(layer)
         delta = self.head_output_grad(layer)
         a = self._softmax(layer)
-        v = repeat_kv(self._data["v"][layer], self.dims.n_heads // self.dims.n_kv_heads)
+        v = repeat_kv(self._site("v", layer), self.dims.n_heads // self.dims.n_kv_heads)
         g = torch.matmul(delta, v.transpose(-1, -2))
-        return self._data["scaling"][layer] * a * (g - (a * g).sum(-1, keepdim=True))
+        return self._site("scaling", layer) * a * (g - (a * g).sum(-1, keepdim=True))
 
     def head_values(self, layer: int) -> torch.Tensor:
         """O_h [H, T, d]: each head's output before W_O, as the model fed it to the output projection
         (ablations included)."""
         layer = self._layer(layer)
-        return self._data["o"][layer].reshape(len(self), self.dims.n_heads, -1).transpose(0, 1)
+        return self._site("o", layer).reshape(len(self), self.dims.n_heads, -1).transpose(0, 1)
 
     def head_outputs(self, layer: int) -> torch.Tensor:
         """Each head's write to the residual, O_h W_O,h: [H, T, D]. Their sum plus the o_proj bias is the
         attention output."""
-        layer = self._layer(layer)
-        o = self._data["o"][layer].reshape(len(self), self.dims.n_heads, -1).transpose(0, 1)  # [H, T, d]
-        w = self._lens.weight(layer, "o_proj")
+        o = self.head_values(layer)  # [H, T, d]
+        w = self.lens.weight(self._layer(layer), "o_proj")
         w_o = self.adapter.o_by_head(w, self.dims.n_heads, self.dims.d_head).to(o.dtype)
         return torch.matmul(o, w_o)
 
     # block inputs after the norms (recomputed on demand from the residual and the norm modules) -----
     def _normed(self, layer: int, norm_part: str, site: str) -> torch.Tensor:
-        module = self.adapter.blocks_of(self._lens.model)[layer].get_submodule(getattr(self.adapter, norm_part))
-        from .capture import module_device
-
-        x = self._data[site][layer].to(module_device(module))
+        module = self.adapter.blocks_of(self.lens.model)[layer].get_submodule(getattr(self.adapter, norm_part))
+        x = self._site(site, layer).to(module_device(module))
         with torch.no_grad():
             return module(x).to("cpu")
 
@@ -211,12 +177,12 @@ class Trace:
         """x [T, D]: the input of the MLP's first matrices (FF1 / up & gate), the second norm applied to
         resid "mid" (or to "pre" in a parallel-residual block)."""
         layer = self._layer(layer)
-        return self._normed(layer, "ln2", "pre" if self.adapter.is_parallel(self._lens.model.config) else "mid")
+        return self._normed(layer, "ln2", "pre" if self.adapter.is_parallel(self.lens.model.config) else "mid")
 
     # MLP ---------------------------------------------------------------------------------------------
     def mlp_activations(self, layer: int) -> torch.Tensor:
         """a [T, F]: the input of the MLP's output matrix (after the nonlinearity / gating)."""
-        return self._data["a"][self._layer(layer)]
+        return self._site("a", self._layer(layer))
 
     def mlp_output_grad(self, layer: int) -> torch.Tensor:
         """delta [T, D] at the MLP output (the Backward Lens FF2 VJP). It equals the block output's
@@ -224,15 +190,15 @@ class Trace:
         return self._grad("g_post", self._layer(layer))
 
     # vocabulary --------------------------------------------------------------------------------------
-    def logit_lens(self, k: int = 10, site: str = "post"):
-        """Vocabulary projection of resid(l, site) for every layer l and position: `TopK` with leading
-        dims [n_layers, T] and target_rank for this trace's target."""
-        from .lenses.vocab import logit_lens
-
+    def logit_lens(self, k: int = 10, site: str = "post") -> TopK:
+        """Vocabulary projection proj(v) = softmax(W_U N_f(v)) of resid(l, site) for every layer l and
+        position: `TopK` with leading dims [n_layers, T] and target_rank for this trace's target (cached)."""
+        site = check_site(site)
         key = ("logit_lens", k, site)
         cache = self.__dict__.setdefault("_cache", {})
         if key not in cache:
-            cache[key] = logit_lens(self, k, site)
+            stacked = torch.stack([self._site(site, layer) for layer in range(self.n_layers)])
+            cache[key] = project(self.lens, stacked, k, target=self.target_id)
         return cache[key]
 
     def to_bertviz(self, kind: str = "forward", layers=None, *, scale: str | None = "head"):

@@ -79,6 +79,6 @@ def test_per_head_qkv_weights_reproduce_the_captured_projections(family, tiny_to
         assert w["q"].shape == (lens.n_heads, lens.d_model, lens.d_head)
         assert w["k"].shape == (lens.n_kv_heads, lens.d_model, lens.d_head)
         attn_out = tr.resid(layer, "mid") - tr.resid(layer, "pre")
-        o = tr._data["o"][layer].reshape(len(tr), lens.n_heads, lens.d_head).transpose(0, 1)
+        o = tr.recording.at("o", layer).reshape(len(tr), lens.n_heads, lens.d_head).transpose(0, 1)
         rebuilt = torch.einsum("htd,hdD->tD", o, w["o"]) + (0 if w["bo"] is None else w["bo"])
         assert torch.allclose(rebuilt, attn_out, atol=1e-12)

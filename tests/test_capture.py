@@ -141,7 +141,7 @@ def test_weight_gradients_rebuilt_from_captured_factors(run):  # rows 9, 10, 11,
     try:
         for layer in range(lens.n_layers):
             o_proj, mlp_out = ad.part(model, layer, "o_proj"), ad.part(model, layer, "mlp_out")
-            o = tr._data["o"][layer]  # [T, H*d], the o_proj input
+            o = tr.recording.at("o", layer)  # [T, H*d], the o_proj input
             d_out = tr.resid_grad(layer, "mid") if not ad.is_parallel(model.config) else tr.resid_grad(layer, "post")
             # row 9: W_O grad = O^T delta_out (in [in, out] layout)
             assert rel(ad.as_in_out(o_proj.weight.grad), o.T @ d_out) < 1e-12

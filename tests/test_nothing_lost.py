@@ -125,16 +125,11 @@ def _fail_in_attention(exc):
 @contextlib.contextmanager
 def _fail_in_resolver(exc):
     """The target resolver raises (after the forward, before the backward)."""
-    orig = capture.run
-
-    def run(model, adapter, dims, ids, resolve_target, **kw):
-        def resolve(last):
-            raise exc("injected in the target resolver")
-
-        return orig(model, adapter, dims, ids, resolve, **kw)
+    def pick_target(last, target):
+        raise exc("injected in the target resolver")
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(capture, "run", run)
+        mp.setattr(capture, "pick_target", pick_target)
         yield
 
 

@@ -152,7 +152,7 @@ def test_logit_lens_rank_colour(trace, tmp_path):
     ax = fig.axes[0]
     im = ax.images[0]
     top = trace.logit_lens(k=2, site="mid")
-    assert isinstance(im.norm, LogNorm) and im.get_clim() == (1.0, trace._lens.vocab_size)
+    assert isinstance(im.norm, LogNorm) and im.get_clim() == (1.0, trace.lens.vocab_size)
     assert np.allclose(im.get_array(), top.target_rank.numpy() + 1)
     assert "resid mid" in ax.get_title() and "rank of" in ax.get_title()
     assert all(len(x.get_text().split("\n")) == 2 for x in ax.texts)

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 
 import torch
 
+from ..checks import check_layer_list
 from ..errors import LensvizError
 
 KINDS = ("forward", "reversed")
@@ -49,12 +50,6 @@ class BertvizInput(Mapping):
                 f"shape per layer={shape})")
 
 
-def _layers(trace, layers) -> list[int]:
-    from ..trace import check_layer_list
-
-    return check_layer_list(layers, trace.n_layers)
-
-
 def _token(text: str) -> str:
     return text.replace("\n", "↵").replace("</", "<\u2060/")
 
@@ -79,7 +74,7 @@ def to_bertviz(trace, kind: str = "forward", layers=None, *, scale: str | None =
         raise LensvizError(f"kind must be one of {KINDS}, got {kind!r}")
     if scale not in SCALES:
         raise LensvizError(f"scale must be one of {SCALES}, got {scale!r}")
-    chosen = _layers(trace, layers)
+    chosen = check_layer_list(layers, trace.n_layers)
     maps = {}
     for layer in chosen:
         m = trace.attention(layer) if kind == "forward" else trace.reversed_attention(layer)

@@ -1,6 +1,7 @@
-"""Backward Lens (Katz et al., EMNLP 2024): vocabulary projections of the low-rank factors of the MLP
-weight gradients (FF1 forward inputs x, FF2 VJPs delta), the gradients rebuilt from those factors, and
-the "imprint" (FF1) / "shift" (FF2) readouts of one SGD step. Spec: research/methods-ra-bl-visit.md §2.
+"""Backward Lens (Katz, Belinkov, Geva & Wolf, EMNLP 2024, "Backward Lens: Projecting Language Model
+Gradients into the Vocabulary Space"): vocabulary projections of the low-rank factors of the MLP weight
+gradients (dL/dW = sum_i delta_i x_i^T over positions i: FF1 forward inputs x, FF2 VJPs delta), the
+gradients rebuilt from those factors, and the "imprint" (FF1) / "shift" (FF2) readouts of one SGD step.
 """
 from __future__ import annotations
 
@@ -8,28 +9,24 @@ from dataclasses import dataclass
 
 import torch
 
+from ..checks import check_index, check_index_list, check_layer_list
 from ..errors import LensvizError
-from .vocab import TopK
+from ..hf import module_device
+from ..vocab import TopK
 
 FF1_PARTS = ("mlp_in", "mlp_gate")
 FF_PARTS = FF1_PARTS + ("mlp_out",)
 
 
 # helpers -----------------------------------------------------------------------------------------
-def _layers(trace, layers) -> list[int]:
-    from ..trace import check_layer_list
-
-    return check_layer_list(layers, trace.n_layers, sort=False)
-
-
 def _need_backward(trace) -> None:
     if not trace.has_backward:
         raise LensvizError("the Backward Lens needs gradients: this trace was run with backward=False")
 
 
 def resolve_normalize(trace, normalize) -> bool:
-    """`normalize=None` -> True on LayerNorm models (the final LayerNorm's eps and bias make gradient
-    rankings depend on |v|, research §0), False on RMSNorm models (scale-invariant and odd)."""
+    """`normalize=None` -> True on LayerNorm models (LN(c v) != c LN(v) once eps and the bias count, so
+    gradient rankings depend on |v|), False on RMSNorm models (scale-invariant and odd)."""
     if normalize is None:
         return trace.adapter.norm == "layernorm"
     if not isinstance(normalize, bool):
@@ -111,7 +108,7 @@ def _grid(lens, vectors: torch.Tensor, k: int, target_id: int, normalize: bool) 
 
 
 def backward_lens(trace, k: int = 5, *, layers=None, normalize: bool | None = None, sign: int = 1) -> BackwardLensTable:
-    """The Backward Lens tables of a trace (research §2.2 / §2.4).
+    """The Backward Lens tables of a trace (the paper's FF1 / FF2 projection tables).
 
     FF1: proj(x_i), x = `trace.mlp_input(l)` [T, D] (the input of FF1, the D-side factor of dL/dW_FF1).
     FF2: proj(sign * delta_i), delta = `trace.mlp_output_grad(l)` [T, D] (the D-side factor of dL/dW_FF2).
@@ -128,8 +125,8 @@ def backward_lens(trace, k: int = 5, *, layers=None, normalize: bool | None = No
     _need_backward(trace)
     sign = _check_sign(sign)
     normalize = resolve_normalize(trace, normalize)
-    rows = _layers(trace, layers)
-    lens = trace._lens
+    rows = check_layer_list(layers, trace.n_layers, sort=False)  # rows follow the given order
+    lens = trace.lens
     x = torch.stack([trace.mlp_input(layer) for layer in rows])  # [L, T, D]
     delta = torch.stack([trace.mlp_output_grad(layer) for layer in rows])  # [L, T, D]
     ff1 = _grid(lens, x, k, trace.target_id, normalize=False)
@@ -142,7 +139,7 @@ def backward_lens(trace, k: int = 5, *, layers=None, normalize: bool | None = No
 def _check_part(trace, part: str, allowed=FF_PARTS) -> str:
     present = tuple(p for p in allowed if getattr(trace.adapter, p) is not None)
     if part not in present:
-        raise LensvizError(f"part must be one of {present} for {trace._lens.arch}, got {part!r}")
+        raise LensvizError(f"part must be one of {present} for {trace.lens.arch}, got {part!r}")
     return part
 
 
@@ -156,10 +153,8 @@ def ff1_output_grads(trace, layer: int) -> dict[str, torch.Tensor]:
     the recorded FF1 outputs is applied to delta_FF2. No activation formula is written here, so GELU,
     SwiGLU (a = act(gate(x)) * up(x)) and any other MLP body come out exact."""
     _need_backward(trace)
-    layer = trace._layer(layer)
-    from ..capture import module_device
-
-    lens, adapter = trace._lens, trace.adapter
+    layer = check_index(layer, trace.n_layers, "layer")
+    lens, adapter = trace.lens, trace.adapter
     block = adapter.blocks_of(lens.model)[layer]
     mlp = block.get_submodule(adapter.mlp)
     parts = [p for p in FF1_PARTS if getattr(adapter, p) is not None]
@@ -199,7 +194,7 @@ def ff1_output_grads(trace, layer: int) -> dict[str, torch.Tensor]:
 
 @dataclass(eq=False)
 class WeightGradient:
-    """dL/dW of one MLP matrix rebuilt from its factors: dL/dW = sum_i delta_i x_i^T (research §2.1).
+    """dL/dW of one MLP matrix rebuilt from its factors: dL/dW = sum_i delta_i x_i^T over positions i.
 
     inputs [T, in]: the forward inputs x_i of the matrix (FF1: mlp_input; FF2: activations a).
     vjps [T, out]: delta_i = dL/d(matrix output)_i. weight: dL/dW in the module's own layout
@@ -224,7 +219,7 @@ def weight_gradient(trace, layer: int, part: str) -> WeightGradient:
     "mlp_gate" (FF1; factors x = mlp_input, delta_FF1 from `ff1_output_grads`). The weight gradient is
     returned in the module's layout (adapter.weight_layout)."""
     _need_backward(trace)
-    layer = trace._layer(layer)
+    layer = check_index(layer, trace.n_layers, "layer")
     part = _check_part(trace, part)
     if part == "mlp_out":
         x, delta = trace.mlp_activations(layer), trace.mlp_output_grad(layer)
@@ -232,7 +227,7 @@ def weight_gradient(trace, layer: int, part: str) -> WeightGradient:
         x, delta = trace.mlp_input(layer), ff1_output_grads(trace, layer)[part]
     grad_in_out = x.T @ delta  # [in, out] = sum_i x_i delta_i^T
     weight = grad_in_out if trace.adapter.weight_layout == "conv1d" else grad_in_out.T.contiguous()
-    module = trace.adapter.part(trace._lens.model, layer, part)
+    module = trace.adapter.part(trace.lens.model, layer, part)
     if tuple(weight.shape) != tuple(module.weight.shape):
         raise LensvizError(f"{part} of layer {layer}: rebuilt gradient has shape {tuple(weight.shape)} but the "
                            f"weight is {tuple(module.weight.shape)}; the adapter's weight_layout is wrong")
@@ -242,7 +237,7 @@ def weight_gradient(trace, layer: int, part: str) -> WeightGradient:
 
 # (c) imprint and shift ---------------------------------------------------------------------------
 def shift_tokens(trace, layer: int, position: int = -1, k: int = 10, *, normalize: bool | None = None) -> TopK:
-    """The tokens an SGD step writes through FF2 at one position (research §2.3, "shift"): each active
+    """The tokens an SGD step writes through FF2 at one position (the paper's "shift"): each active
     neuron's value moves along -delta_i, so this is the top-k of proj(-delta_i), delta = mlp_output_grad.
 
     On RMSNorm models this is exactly the bottom-k of proj(delta) (the authors' readout; RMSNorm is odd).
@@ -250,17 +245,15 @@ def shift_tokens(trace, layer: int, position: int = -1, k: int = 10, *, normaliz
     and `backward_lens(...).ff2.bottom` gives the bottom-k of proj(delta). normalize: as in `backward_lens`.
     Returns TopK with ids/probs [k] and target_rank [] (0 = the target is the token written most)."""
     _need_backward(trace)
-    layer = trace._layer(layer)
-    from ..trace import check_index
-
+    layer = check_index(layer, trace.n_layers, "layer")
     position = check_index(position, len(trace), "position")
     delta = trace.mlp_output_grad(layer)[position]
-    return trace._lens.project(-delta, k, target=trace.target_id, normalize=resolve_normalize(trace, normalize))
+    return trace.lens.project(-delta, k, target=trace.target_id, normalize=resolve_normalize(trace, normalize))
 
 
 @dataclass(eq=False)
 class Imprint:
-    """FF1 "imprint" of one SGD step (research §2.3): neuron n's key moves along
+    """FF1 "imprint" of one SGD step (the paper's "imprint"): neuron n's key moves along
     u_n = -sum_i delta_FF1_i[n] x_i, a mix of the layer's forward inputs weighted by the neuron's VJPs.
 
     neurons [N]; weights [N, T] = -delta_FF1[:, n] (the coefficient of x_i in u_n); update_norm [N] = |u_n|;
@@ -297,12 +290,8 @@ def imprint_tokens(trace, layer: int, k: int = 10, *, neurons=None, top: int = 5
             raise LensvizError(f"top must be an int in [1, {u.shape[0]}], got {top!r}")
         idx = norms.topk(top).indices
     else:
-        from ..trace import check_index
-
-        if isinstance(neurons, int):
-            neurons = [neurons]
-        idx = torch.tensor([check_index(n, u.shape[0], "neuron") for n in neurons], dtype=torch.long)
+        idx = torch.tensor(check_index_list(neurons, u.shape[0], "neurons", "neuron", sort=False), dtype=torch.long)
     normalize = resolve_normalize(trace, normalize)
-    tokens = trace._lens.project(u[idx], k, target=trace.target_id, normalize=normalize)
+    tokens = trace.lens.project(u[idx], k, target=trace.target_id, normalize=normalize)
     return Imprint(layer=grad.layer, part=part, neurons=idx, weights=-grad.vjps[:, idx].T, update_norm=norms[idx],
                    tokens=tokens, normalize=normalize)

@@ -1,7 +1,8 @@
-"""Talking Heads: head-to-head composition scores (Q-, K-, V-composition), SVD channels of the OV and QK
-circuits, and edits that remove or scale one channel (research/methods-2.md §3). Weights only, row
-convention (a layer computes y = x W); scores start from per-head factors (QR + d_head x d_head SVDs),
-and no D x D product of two heads' matrices is ever formed.
+"""Talking Heads (Merullo, Eickhoff & Pavlick, NeurIPS 2024): head-to-head composition scores (Q-, K-,
+V-composition, Elhage et al. 2021, "A Mathematical Framework for Transformer Circuits"), SVD channels of
+the OV and QK circuits, and edits that remove or scale one channel. Weights only, row convention (a layer
+computes y = x W); scores start from per-head factors (QR + d_head x d_head SVDs), and no D x D product
+of two heads' matrices is ever formed.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from numbers import Real
 import torch
 
 from ..errors import LensvizError
-from ..trace import check_index
+from ..checks import check_index, check_index_list
 
 MODES = ("q", "k", "v")
 RECEIVERS = ("full", "read")
@@ -159,11 +160,7 @@ def _factors(lens, modes, *, fold_norm, center, receiver):
 
 
 def _sender_layers(lens, sender_layers):
-    if sender_layers is None:
-        return list(range(lens.n_layers))
-    if isinstance(sender_layers, int):
-        sender_layers = [sender_layers]
-    return sorted({check_index(s, lens.n_layers, "sender layer") for s in sender_layers})
+    return check_index_list(sender_layers, lens.n_layers, "sender_layers", "sender layer")
 
 
 def _pair_projections(senders: torch.Tensor, receivers: torch.Tensor, layers, per_component: bool):

@@ -1,4 +1,5 @@
-"""Parameters in embedding space (Dar et al. 2023; research/methods-2.md §2): zero-pass projections of
+"""Parameters in embedding space (Dar, Geva, Gupta & Berant 2023, "Analyzing Transformers in Embedding
+Space"): zero-pass projections of
 attention heads (W_OV, W_QK token pairs in factored form, never V x V) and FFN keys/values onto the
 vocabulary, plus the kernelized projection correlation and the per-head extraction it rests on.
 """
@@ -8,8 +9,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import vocab
+from ..checks import check_dims, check_index, check_int
 from ..errors import LensvizError
-from .neurons import CHUNK_BYTES, ValueTokens, _as_dims, _check_k, _layer, value_vectors
+from .neurons import ValueTokens, value_vectors
 
 INVERSES = ("transpose", "pinv")
 READ_EMBEDDINGS = ("unembed", "input")
@@ -83,9 +86,11 @@ def _space(lens, space):
 
 
 # per-head weights ---------------------------------------------------------------------------------------
-def _check_head(lens, head) -> int:
-    from ..trace import check_index
+def _layer(lens, layer) -> int:
+    return check_index(layer, lens.n_layers, "layer")
 
+
+def _check_head(lens, head) -> int:
     return check_index(head, lens.n_heads, "head")
 
 
@@ -151,7 +156,7 @@ def head_attention(trace, layer: int) -> torch.Tensor:
     """Attention probabilities [H, T, T] rebuilt from the extracted per-head weights alone: for query i
     and key j, s_ij = (x_i W_Q^h + b_Q) R_rel(i - j) (x_j W_K^g(h) + b_K)^T * scaling, x = attn_input,
     softmax over j <= i (plain causal mask)."""
-    lens = trace._lens
+    lens = trace.lens
     layer = _layer(lens, layer)
     x = trace.attn_input(layer)
     t = len(trace)
@@ -330,7 +335,7 @@ def head_top_pairs(lens, layer: int, head: int, kind: str = "ov", k: int = 50, *
     the most negative pairs.
     delta (RoPE models, "qk" only): the query-key distance; 0 = the content term."""
     layer, head = _layer(lens, layer), _check_head(lens, head)
-    k = _check_k(k, lens.vocab_size ** 2, "k")
+    k = check_int(k, "k", 1, lens.vocab_size ** 2)
     a, b = head_factors(lens, layer, head, kind, delta=delta, fold_norm=fold_norm, space=space)
     allow = _token_list(lens, tokens)
     row_ids = _token_list(lens, rows) if rows is not None else allow
@@ -375,32 +380,23 @@ def ffn_keys(lens, layer: int, part: str = "mlp_in", *, fold_norm: bool = False)
 
 def _project(matrix: torch.Tensor, vectors: torch.Tensor, k: int, bottom: bool, strings, left: bool):
     """Top-k of vectors [..., D] mapped by `matrix` (left: matrix [V, D], logits = v matrix^T; else
-    matrix [D, V], logits = v matrix), chunked. -> ValueTokens [..., k]."""
-    n_vocab = matrix.shape[0] if left else matrix.shape[1]
+    matrix [D, V], logits = v matrix), chunked (`vocab.top_logits`). -> ValueTokens [..., k]."""
     lead = vectors.shape[:-1]
-    rows = vectors.reshape(-1, vectors.shape[-1]).to(matrix.dtype)
-    chunk = max(1, CHUNK_BYTES // (4 * n_vocab))
-    ids, vals = [], []
-    with torch.no_grad():
-        for s in range(0, rows.shape[0], chunk):
-            logits = rows[s:s + chunk] @ (matrix.T if left else matrix)
-            top = logits.topk(k, dim=-1, largest=not bottom)
-            ids.append(top.indices)
-            vals.append(top.values)
-    ids = torch.cat(ids).reshape(*lead, k) if ids else torch.zeros(*lead, k, dtype=torch.long)
-    vals = torch.cat(vals).reshape(*lead, k) if vals else torch.zeros(*lead, k)
-    return ValueTokens(ids=ids, logits=vals, _strings=strings)
+    rows = vectors.reshape(-1, vectors.shape[-1])
+    ids, vals = vocab.top_logits(vocab.matrix_readout(matrix if left else matrix.T), rows, k, bottom=bottom,
+                                 dtype=None)
+    return ValueTokens(ids=ids.reshape(*lead, k), logits=vals.reshape(*lead, k), _strings=strings)
 
 
 def project_read(lens, vectors: torch.Tensor, k: int = 10, *, space=None, bottom: bool = False) -> ValueTokens:
     """Top-k tokens of read-side vectors [..., D] (FFN keys, columns of W_Q/W_K/W_V): w E'^T."""
-    k = _check_k(k, lens.vocab_size, "k")
+    k = check_int(k, "k", 1, lens.vocab_size)
     return _project(_space(lens, space).read, vectors, k, bottom, lens.token_strings, left=True)
 
 
 def project_write(lens, vectors: torch.Tensor, k: int = 10, *, space=None, bottom: bool = False) -> ValueTokens:
     """Top-k tokens of write-side vectors [..., D] (FFN values, rows of W_O): w E."""
-    k = _check_k(k, lens.vocab_size, "k")
+    k = check_int(k, "k", 1, lens.vocab_size)
     return _project(_space(lens, space).write, vectors, k, bottom, lens.token_strings, left=False)
 
 
@@ -410,7 +406,7 @@ def ffn_projections(lens, layer: int, part: str = "key", dims=None, k: int = 30,
     "value" (FF2 rows, write side); dims [n] (default all F). -> ValueTokens [n, k]."""
     if part not in ("key", "gate", "value"):
         raise LensvizError(f"part must be 'key', 'gate' or 'value', got {part!r}")
-    dims = torch.arange(lens.d_mlp) if dims is None else _as_dims(dims, lens.d_mlp)
+    dims = torch.arange(lens.d_mlp) if dims is None else check_dims(dims, lens.d_mlp)
     if part == "value":
         return project_write(lens, value_vectors(lens, layer)[dims], k, space=space, bottom=bottom)
     vec = ffn_keys(lens, layer, "mlp_in" if part == "key" else "mlp_gate", fold_norm=fold_norm)[dims]

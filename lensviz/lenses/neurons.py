@@ -1,4 +1,5 @@
-"""LM-Debugger (Geva et al. 2022; research/methods-2.md §1): the MLP output as sub-updates m_i v_i, each
+"""LM-Debugger (Geva et al. 2022, "LM-Debugger: An Interactive Tool for Inspection and Intervention in
+Transformer-Based Language Models"): the MLP output as sub-updates m_i v_i, each
 value vector's vocabulary projection, per-layer "before"/"after" predictions, and a cached inverted index
 answering "which value vectors promote token X" over all layers.
 """
@@ -12,16 +13,15 @@ from pathlib import Path
 
 import torch
 
+from .. import vocab
+from ..checks import check_dims, check_index, check_index_list, check_int
 from ..errors import LensvizError
 
-CHUNK_BYTES = 64 * 2**20  # logits held at once while projecting many value vectors
 INDEX_VERSION = 1
 
 
 # value vectors -----------------------------------------------------------------------------------------
 def _layer(lens, layer) -> int:
-    from ..trace import check_index
-
     return check_index(layer, lens.n_layers, "layer")
 
 
@@ -38,15 +38,15 @@ def value_bias(lens, layer: int) -> torch.Tensor | None:
 
 def value_norms(lens, layers=None) -> torch.Tensor:
     """||v_i||_2 for every value of the given layers (default all): [L', F]."""
-    layers = range(lens.n_layers) if layers is None else [_layer(lens, layer) for layer in layers]
+    layers = check_index_list(layers, lens.n_layers, "layers", "layer", sort=False)
     return torch.stack([value_vectors(lens, layer).norm(dim=-1) for layer in layers])
 
 
 def sub_updates(trace, layer: int, dims, positions=None) -> torch.Tensor:
     """The sub-updates m_i v_i of the given value dims: [P, n, D] for positions [P] (default all) and
     dims [n] (an int gives n = 1)."""
-    lens = trace._lens
-    dims = _as_dims(dims, lens.d_mlp)
+    lens = trace.lens
+    dims = check_dims(dims, lens.d_mlp)
     m = trace.mlp_activations(layer)[_positions(positions, len(trace))][:, dims]  # [P, n]
     v = value_vectors(lens, layer)[dims].to(m.dtype)  # [n, D]
     return m[:, :, None] * v[None]
@@ -55,8 +55,8 @@ def sub_updates(trace, layer: int, dims, positions=None) -> torch.Tensor:
 def mlp_output(trace, layer: int) -> torch.Tensor:
     """The MLP output rebuilt from its sub-updates, sum_i m_i v_i + b: [T, D]."""
     m = trace.mlp_activations(layer)
-    out = m @ value_vectors(trace._lens, layer).to(m.dtype)
-    b = value_bias(trace._lens, layer)
+    out = m @ value_vectors(trace.lens, layer).to(m.dtype)
+    b = value_bias(trace.lens, layer)
     return out if b is None else out + b.to(m.dtype)
 
 
@@ -82,9 +82,9 @@ class SubUpdates:
 
 def top_sub_updates(trace, k: int = 10, *, layers=None, positions=None) -> SubUpdates:
     """Top-k sub-updates per layer and position by |m_i| * ||v_i|| (negative m_i included)."""
-    lens = trace._lens
-    k = _check_k(k, lens.d_mlp, "k")
-    layers = list(range(lens.n_layers)) if layers is None else [_layer(lens, layer) for layer in layers]
+    lens = trace.lens
+    k = check_int(k, "k", 1, lens.d_mlp)
+    layers = check_index_list(layers, lens.n_layers, "layers", "layer", sort=False)
     pos = _positions(positions, len(trace))
     dims, coeffs, scores = [], [], []
     for layer in layers:
@@ -110,44 +110,15 @@ class ValueTokens:
 
     @property
     def tokens(self) -> list:
-        flat = [self._strings[i] for i in self.ids.reshape(-1).tolist()]
-        for size in reversed(list(self.ids.shape)[1:]):
-            flat = [flat[i:i + size] for i in range(0, len(flat), size)]
-        return flat
-
-
-def _fold(lens, v: torch.Tensor, fold_norm: bool) -> torch.Tensor:
-    gamma = getattr(lens.final_norm_module, "weight", None) if fold_norm else None
-    return v if gamma is None else v * gamma.detach().to(v)
+        return vocab.nested_tokens(self.ids, self._strings)
 
 
 def _topk_logits(lens, vectors: torch.Tensor, k: int, *, fold_norm: bool = False, bottom: bool = False):
-    """Top (bottom) k raw logits W_U v (fold_norm: W_U (gamma_f * v); no norm, no bias) of rows [N, D],
-    in chunks of batched matmuls into one reused buffer: (ids [N, k] long, logits [N, k] float32)."""
-    w = lens.unembed_module.weight
-    device, dtype = lens.unembed_device, lens.model_dtype
-    chunk = max(1, CHUNK_BYTES // (4 * lens.vocab_size))
-    direct = w.device.type != "meta"
-    if direct:  # one [D, V] copy, then mm into a reused buffer
-        wt = w.detach().to(device, dtype).T.contiguous()
-        buf = torch.empty(min(chunk, max(1, vectors.shape[0])) * lens.vocab_size, dtype=dtype, device=device)
-    ids, vals = [], []
-    with torch.no_grad():
-        for start in range(0, vectors.shape[0], chunk):
-            v = _fold(lens, vectors[start:start + chunk].to(device=device, dtype=dtype), fold_norm)
-            if direct:
-                logits = buf[:v.shape[0] * lens.vocab_size].view(v.shape[0], lens.vocab_size)
-                torch.mm(v, wt, out=logits)
-            else:  # offloaded weights: let the module's hooks load them, then drop its bias
-                logits = lens.unembed_module(v)
-                bias = getattr(lens.unembed_module, "bias", None)
-                logits = logits if bias is None else logits - bias
-            top = logits.topk(k, dim=-1, largest=not bottom)
-            ids.append(top.indices.cpu())
-            vals.append(top.values.float().cpu())
-    if not ids:
-        return torch.zeros(0, k, dtype=torch.long), torch.zeros(0, k)
-    return torch.cat(ids), torch.cat(vals)
+    """Top (bottom) k raw logits W_U v (fold_norm: W_U (gamma_f * v); no norm, no bias) of rows [N, D]:
+    (ids [N, k] long, logits [N, k] float32)."""
+    gamma = getattr(lens.final_norm_module, "weight", None) if fold_norm else None
+    readout = vocab.unembedding(lens, norm=False, bias=False, gain=gamma)
+    return vocab.top_logits(readout, vectors, k, bottom=bottom)
 
 
 def project_values(lens, layer: int, dims, k: int = 10, *, fold_norm: bool = False, signs=None,
@@ -157,8 +128,8 @@ def project_values(lens, layer: int, dims, k: int = 10, *, fold_norm: bool = Fal
     signs [n] (e.g. the coefficients m_i; only their sign is used) gives the sign-corrected projection
     sign(m_i) * v_i E. Returns ValueTokens with leading dim [n] (or none for an int dim)."""
     scalar = isinstance(dims, int) and not isinstance(dims, bool)
-    dims = _as_dims(dims, lens.d_mlp)
-    k = _check_k(k, lens.vocab_size, "k")
+    dims = check_dims(dims, lens.d_mlp)
+    k = check_int(k, "k", 1, lens.vocab_size)
     v = value_vectors(lens, layer)[dims]
     if signs is not None:
         s = torch.as_tensor(signs).reshape(-1)
@@ -187,9 +158,7 @@ class LayerPredictions:
 def layer_predictions(trace, k: int = 10, position: int = -1) -> LayerPredictions:
     """The "before" and "after" views of every layer at `position` (proj = softmax(W_U N_f(h)),
     ranked for the trace's target)."""
-    from ..trace import check_index
-
-    lens = trace._lens
+    lens = trace.lens
     pos = check_index(position, len(trace), "position")
     before = torch.stack([trace.resid(layer, "mid")[pos] for layer in range(lens.n_layers)])
     after = torch.stack([trace.resid(layer, "post")[pos] for layer in range(lens.n_layers)])
@@ -204,7 +173,7 @@ def debugger_view(trace, *, position: int = -1, k: int = 10, value_k: int = 10, 
      "layers": [{"layer", "before": [{"token", "id", "prob"}] (k), "after": [...],
                  "sub_updates": [{"label", "layer", "dim", "coeff", "score",
                                   "tokens": [{"token", "id", "logit"}] (value_k, sign-corrected)}] (k)}]}."""
-    lens = trace._lens
+    lens = trace.lens
     preds = layer_predictions(trace, k, position)
     subs = top_sub_updates(trace, k, layers=layers, positions=[preds.position])
     strings = lens.token_strings
@@ -289,15 +258,15 @@ class ValueIndex:
         self.order, self.offsets = order, offsets
 
     @staticmethod
-    def _invert(ids, logits, vocab):
+    def _invert(ids, logits, n_vocab):
         flat_ids = ids.reshape(-1).long()
         k = ids.shape[-1]
         rank = torch.arange(flat_ids.numel()) % k
         order = torch.arange(flat_ids.numel())
         for key in (-logits.reshape(-1).abs(), rank, flat_ids):  # last sort is the primary key
             order = order[torch.sort(key[order], stable=True).indices]
-        counts = torch.bincount(flat_ids, minlength=vocab)
-        offsets = torch.zeros(vocab + 1, dtype=torch.long)
+        counts = torch.bincount(flat_ids, minlength=n_vocab)
+        offsets = torch.zeros(n_vocab + 1, dtype=torch.long)
         offsets[1:] = counts.cumsum(0)
         return order.to(torch.int32 if order.numel() < 2**31 else torch.long), offsets
 
@@ -395,10 +364,8 @@ def build_value_index(lens, k: int = 50, *, fold_norm: bool = False, bottom: boo
     index the k most negative tokens (sign -1). cache_dir: default $LENSVIZ_CACHE or ~/.cache/lensviz;
     use_cache=False neither reads nor writes the cache. The file name carries a hash of the model name,
     the weight shapes and a fingerprint of the unembedding and FF2 weights (see `index_key`)."""
-    k = _check_k(k, lens.vocab_size, "k")
-    layers = list(range(lens.n_layers)) if layers is None else sorted({_layer(lens, layer) for layer in layers})
-    if not layers:
-        raise LensvizError("layers is empty: give at least one layer to index")
+    k = check_int(k, "k", 1, lens.vocab_size)
+    layers = check_index_list(layers, lens.n_layers, "layers", "layer")
     key = index_key(lens, k, fold_norm=fold_norm, bottom=bottom, layers=layers)
     path = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     path = path / f"value_index-{key[:24]}.pt"
@@ -432,32 +399,6 @@ def build_value_index(lens, k: int = 50, *, fold_norm: bool = False, bottom: boo
     return index
 
 
-# argument checks ---------------------------------------------------------------------------------------
-def _check_k(k, limit: int, what: str) -> int:
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= limit:
-        raise LensvizError(f"{what} must be an int in [1, {limit}], got {k!r}")
-    return k
-
-
-def _as_dims(dims, d_mlp: int) -> torch.Tensor:
-    """Value indices as LongTensor [n] (an int gives [1]); each in [0, d_mlp)."""
-    if isinstance(dims, bool):
-        raise LensvizError(f"dims must be an int or a list of ints in [0, {d_mlp - 1}], got {dims!r}")
-    t = torch.as_tensor(dims).reshape(-1)
-    if t.is_floating_point() or t.dtype == torch.bool:
-        raise LensvizError(f"dims must be ints in [0, {d_mlp - 1}], got {dims!r}")
-    t = t.long()
-    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= d_mlp):
-        raise LensvizError(f"dims must be in [0, {d_mlp - 1}], got {dims!r}")
-    return t
-
-
 def _positions(positions, t: int) -> torch.Tensor:
     """Positions as LongTensor [P] (None = all; an int gives [1]; negatives count from the end)."""
-    from ..trace import check_index
-
-    if positions is None:
-        return torch.arange(t)
-    if isinstance(positions, int) and not isinstance(positions, bool):
-        positions = [positions]
-    return torch.tensor([check_index(p, t, "position") for p in positions], dtype=torch.long)
+    return torch.tensor(check_index_list(positions, t, "positions", "position", sort=False), dtype=torch.long)

@@ -9,21 +9,15 @@ from dataclasses import dataclass
 
 import torch
 
+from ..checks import check_choice, check_index, check_layer_list
 from ..errors import LensvizError
-
-
-def _layers(trace, layers) -> list[int]:
-    if layers is None:
-        return list(range(trace.n_layers))
-    return [trace._layer(layer) for layer in layers]
 
 
 def head_norms(trace, kind: str = "reversed", layers=None) -> torch.Tensor:
     """Frobenius norm of each head's map: [len(layers), H]. kind "reversed" (||RA||_F) or "forward" (||A||_F)."""
-    if kind not in ("reversed", "forward"):
-        raise LensvizError(f"kind must be 'reversed' or 'forward', got {kind!r}")
+    check_choice(kind, ("reversed", "forward"), "kind")
     get = trace.reversed_attention if kind == "reversed" else trace.attention
-    return torch.stack([get(layer).flatten(1).norm(dim=1) for layer in _layers(trace, layers)])
+    return torch.stack([get(layer).flatten(1).norm(dim=1) for layer in check_layer_list(layers, trace.n_layers)])
 
 
 @dataclass(frozen=True)
@@ -47,9 +41,7 @@ def compare(trace, layer: int, head: int) -> dict:
     """Forward map A and Reversed Attention RA of one head side by side ([T, T] each) with summary
     numbers: both Frobenius norms, the share of |map| mass in the top 10% of causal entries (a sparsity
     measure; the paper calls RA sparser), and the Pearson correlation of A with |RA| over causal entries."""
-    from ..trace import check_index
-
-    layer = trace._layer(layer)
+    layer = check_index(layer, trace.n_layers, "layer")
     head = check_index(head, trace.dims.n_heads, "head")
     a, ra = trace.attention(layer)[head], trace.reversed_attention(layer)[head]
     t = a.shape[0]
@@ -72,7 +64,8 @@ def average_reversed_attention(lens, prompts, targets, layers=None) -> dict[int,
     """Mean RA over prompts of the same token length: {layer: Tensor[H, T, T]}.
 
     prompts: list of str (or segment lists); targets: one target per prompt (str/int), or a single target
-    for all. These are the maps the Reversed Attention paper patches with (keyed by length, research §1.7).
+    for all. These are the maps the Reversed Attention paper (Katz & Wolf) patches with: one map per layer
+    for every prompt of that token length.
     """
     if isinstance(prompts, str) or not prompts:
         raise LensvizError("prompts must be a non-empty list of prompts")
@@ -87,7 +80,7 @@ def average_reversed_attention(lens, prompts, targets, layers=None) -> dict[int,
     total: dict[int, torch.Tensor] = {}
     for prompt, target in zip(prompts, targets):
         tr = lens.trace(prompt, target=target)
-        for layer in _layers(tr, layers):
+        for layer in check_layer_list(layers, tr.n_layers):
             ra = tr.reversed_attention(layer)
             total[layer] = ra if layer not in total else total[layer] + ra
     return {layer: m / len(prompts) for layer, m in total.items()}

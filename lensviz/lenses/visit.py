@@ -1,20 +1,21 @@
-"""VISIT (Katz & Belinkov 2023; research §3): one forward pass at one position as a flow graph of residual
+"""VISIT (Katz & Belinkov 2023, "VISIT: Visualizing and Interpreting the Semantic Information Flow of
+Transformers"): one forward pass at one position as a flow graph of residual
 vectors read through the vocabulary projection. Block/head decompositions, exact QK bilinear forms, W_O and
 MLP neurons, the LN "semantic filter", and `visit_graph`, JSON-ready nodes and edges for widget and matplotlib.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
+from .. import vocab
+from ..checks import check_index, check_index_list, check_int, check_layer_list
 from ..errors import LensvizError
-from . import vocab
 
 ROPE_NOTE = "approx (RoPE ignored)"
 
-# Link widths of the VISIT graph (research §3.1; VISIT's graph_configs defaults). Override per call with
+# Link widths of the VISIT graph (the defaults of VISIT's graph configuration). Override per call with
 # visit_graph(..., scales={...}).
 DEFAULT_SCALES = {
     "head_query": 0.2,     # qkv -> q_h: 0.2 * |W_K q_h|
@@ -32,32 +33,15 @@ DEFAULT_SCALES = {
 # small helpers
 # ------------------------------------------------------------------------------------------------
 def _layer(trace, layer) -> int:
-    from ..trace import check_index
-
     return check_index(layer, trace.n_layers, "layer")
 
 
 def _position(trace, position) -> int:
-    from ..trace import check_index
-
     return check_index(position, len(trace), "position")
 
 
-def _layers(trace, layers) -> list[int]:
-    """None -> every layer; an int -> [it]; a list -> sorted, de-duplicated, negatives resolved."""
-    from ..trace import check_layer_list
-
-    return check_layer_list(layers, trace.n_layers)
-
-
-def _count(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise LensvizError(f"{name} must be a non-negative int, got {value!r}")
-    return value
-
-
 def _target_id(trace, target) -> int:
-    return trace.target_id if target is None else trace._lens.token_id(target)
+    return trace.target_id if target is None else trace.lens.token_id(target)
 
 
 def _kv_head(lens) -> torch.Tensor:
@@ -71,51 +55,11 @@ def _recorded_o(trace, layer: int) -> torch.Tensor:
 
 
 def _is_parallel(trace) -> bool:
-    return trace.adapter.is_parallel(trace._lens.model.config)
-
-
-def _log_probs(lens, rows: torch.Tensor):
-    """Yield (start, log softmax(W_U N_f(v)) [c, V]) for row chunks of rows [N, D]: the full distributions
-    of the projection `lens.project` ranks (needed for entropy, p(target) and KL). Computed in float32, or
-    float64 for float64 models. (A wish for vocab.project: return these statistics from its own pass.)"""
-    norm, unembed = lens.final_norm_module, lens.unembed_module
-    device, dtype = lens.unembed_device, lens.model_dtype
-    work = torch.promote_types(dtype, torch.float32)
-    chunk = max(1, vocab.CHUNK_BYTES // (work.itemsize * lens.vocab_size))
-    with torch.no_grad():
-        for start in range(0, rows.shape[0], chunk):
-            v = rows[start:start + chunk].to(device=device, dtype=dtype)
-            yield start, torch.log_softmax(unembed(norm(v)).to(work), dim=-1)
-
-
-def _entropy_and_target_prob(lens, rows: torch.Tensor, target_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Entropy in bits [N] and p(target) [N] of proj(v) for rows [N, D] (float64 on CPU)."""
-    ent = torch.empty(rows.shape[0], dtype=torch.float64)
-    p_t = torch.empty(rows.shape[0], dtype=torch.float64)
-    for start, logp in _log_probs(lens, rows):
-        n = logp.shape[0]
-        ent[start:start + n] = (-(logp.exp() * logp).sum(-1) / math.log(2)).cpu()  # log_softmax is finite
-        p_t[start:start + n] = logp[:, target_id].exp().cpu()
-    return ent, p_t
-
-
-def _kl(lens, p_rows: torch.Tensor, q_rows: torch.Tensor) -> torch.Tensor:
-    """KL(proj(p) || proj(q)) in nats, row by row: [N] (float64 on CPU). p and q rows are projected in the
-    same chunks, so only one chunk of each distribution is held at a time."""
-    n = p_rows.shape[0]
-    out = torch.empty(n, dtype=torch.float64)
-    step = max(1, vocab.CHUNK_BYTES // (8 * lens.vocab_size))
-    for start in range(0, n, step):
-        pair = torch.cat([p_rows[start:start + step], q_rows[start:start + step]])
-        logs = torch.cat([logp for _, logp in _log_probs(lens, pair)])
-        m = logs.shape[0] // 2
-        lp, lq = logs[:m], logs[m:]
-        out[start:start + m] = (lp.exp() * (lp - lq)).sum(-1).cpu()
-    return out
+    return trace.adapter.is_parallel(trace.lens.model.config)
 
 
 # ------------------------------------------------------------------------------------------------
-# decompositions (research §3.2)
+# decompositions
 # ------------------------------------------------------------------------------------------------
 @dataclass(eq=False)
 class AttentionParts:
@@ -141,7 +85,7 @@ class AttentionParts:
 def attention_parts(trace, layer: int, position: int = -1) -> AttentionParts:
     """Decompose the attention output of `layer` at `position` into heads and memory entries (see
     `AttentionParts`). Uses the attention the run applied (patched A' under an AttentionPatch)."""
-    lens = trace._lens
+    lens = trace.lens
     layer, t = _layer(trace, layer), _position(trace, position)
     a = trace.attention(layer)[:, t, :]  # [H, T]
     _, _, v = trace.qkv(layer)  # [H_kv, T, d]
@@ -158,7 +102,8 @@ def attention_parts(trace, layer: int, position: int = -1) -> AttentionParts:
 
 @dataclass(eq=False)
 class MLPParts:
-    """The MLP of one layer at one position, as key-value memories (research §3.1).
+    """The MLP of one layer at one position, as key-value memories (Geva et al. 2021, "Transformer
+    Feed-Forward Layers Are Key-Value Memories").
 
     activation [F]: a, the FF2 input. keys [F, D]: FF1 columns (GPT-2 `c_fc.weight[:, n]`, Llama
     `up_proj.weight[n]`); gate_keys [F, D] or None (SwiGLU `gate_proj.weight[n]`). values [F, D]: FF2 rows
@@ -179,7 +124,7 @@ class MLPParts:
 
 def mlp_parts(trace, layer: int, position: int = -1) -> MLPParts:
     """Decompose the MLP output of `layer` at `position` into neurons (see `MLPParts`)."""
-    lens = trace._lens
+    lens = trace.lens
     layer, t = _layer(trace, layer), _position(trace, position)
     a = trace.mlp_activations(layer)[t]
     as_in_out = lens.adapter.as_in_out
@@ -215,7 +160,7 @@ def block_vectors(trace, layer: int, position: int = -1, *, attn: AttentionParts
 
 
 # ------------------------------------------------------------------------------------------------
-# the QK circuit in residual space (research §3.2, correctness note)
+# the QK circuit in residual space (exact bilinear forms; RoPE makes them approximate)
 # ------------------------------------------------------------------------------------------------
 @dataclass(eq=False)
 class QKForms:
@@ -258,7 +203,7 @@ def qk_forms(trace, layer: int, position: int = -1) -> QKForms:
 
 def _qk_forms(trace, layer: int, t: int, x: torch.Tensor) -> QKForms:
     """`qk_forms` with the attention input x [T, D] already computed."""
-    lens = trace._lens
+    lens = trace.lens
     w = {name: (None if val is None else val.to(x.dtype)) for name, val in lens.attention_weights(layer).items()}
     g = _kv_head(lens)
     q = torch.einsum("D,hDd->hd", x[t], w["q"])
@@ -278,7 +223,7 @@ def _qk_forms(trace, layer: int, t: int, x: torch.Tensor) -> QKForms:
 
 
 # ------------------------------------------------------------------------------------------------
-# neuron selection (research §3.1)
+# neuron selection (VISIT's top / bottom neurons by signed activation * |row|)
 # ------------------------------------------------------------------------------------------------
 @dataclass(eq=False)
 class NeuronSelection:
@@ -311,21 +256,21 @@ def wo_neurons(trace, layer: int, position: int = -1, n_top: int = 18, n_bottom:
                attn: AttentionParts | None = None) -> NeuronSelection:
     """W_O "neurons": entries n of the concatenated head output O [H*d] (head n // d) scored by
     O[n] * |W_O[n, :]|; rows are the W_O rows [n, D] (in [in, out] orientation)."""
-    lens = trace._lens
+    lens = trace.lens
     attn = attn if attn is not None else attention_parts(trace, layer, position)
     rows = lens.attention_weights(attn.layer)["o"].to(attn.o.dtype).reshape(-1, lens.d_model)  # [H*d, D]
-    return _select(attn.o.reshape(-1), rows, _count(n_top, "n_top"), _count(n_bottom, "n_bottom"))
+    return _select(attn.o.reshape(-1), rows, check_int(n_top, "n_top"), check_int(n_bottom, "n_bottom"))
 
 
 def mlp_neurons(trace, layer: int, position: int = -1, n_top: int = 18, n_bottom: int = 7, *,
                 mlp: MLPParts | None = None) -> NeuronSelection:
     """MLP neurons scored by a_n * |value_n|; rows are the values (FF2 rows) [n, D]."""
     mlp = mlp if mlp is not None else mlp_parts(trace, layer, position)
-    return _select(mlp.activation, mlp.values, _count(n_top, "n_top"), _count(n_bottom, "n_bottom"))
+    return _select(mlp.activation, mlp.values, check_int(n_top, "n_top"), check_int(n_bottom, "n_bottom"))
 
 
 # ------------------------------------------------------------------------------------------------
-# layer norm as a "semantic filter" (research §3.3; the operationalisation is ours)
+# layer norm as a "semantic filter" (VISIT's observation; the numbers below are our operationalisation)
 # ------------------------------------------------------------------------------------------------
 @dataclass(eq=False)
 class LNFilter:
@@ -359,16 +304,10 @@ class LNFilter:
 def ln_filter(trace, layers=None, k: int = 10, positions=None, target=None) -> LNFilter:
     """The LN semantic filter of `layers` (default all) at `positions` (default all; ints, negatives
     allowed), ranked for `target` (default the trace's). See `LNFilter`."""
-    lens = trace._lens
-    layers = _layers(trace, layers)
-    if positions is None:
-        positions = list(range(len(trace)))
-    elif isinstance(positions, int) and not isinstance(positions, bool):
-        positions = [_position(trace, positions)]
-    else:
-        positions = [_position(trace, p) for p in positions]
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= lens.vocab_size:
-        raise LensvizError(f"k must be an int in [1, {lens.vocab_size}], got {k!r}")
+    lens = trace.lens
+    layers = check_layer_list(layers, trace.n_layers)
+    positions = check_index_list(positions, len(trace), "positions", "position", sort=False)
+    k = check_int(k, "k", 1, lens.vocab_size)
     tid = _target_id(trace, target)
     second_in = "pre" if _is_parallel(trace) else "mid"
     ins, outs = [], []
@@ -381,17 +320,18 @@ def ln_filter(trace, layers=None, k: int = 10, positions=None, target=None) -> L
     inter = (ids_in[..., :, None] == ids_out[..., None, :]).any(-1).sum(-1)  # top-k ids are distinct
     jaccard = inter.double() / (2 * k - inter).double()
     d = ins.shape[-1]
-    kl = _kl(lens, ins.reshape(-1, d), outs.reshape(-1, d)).reshape(ins.shape[:-1])
+    kl = vocab.kl_rows(vocab.unembedding(lens), ins.reshape(-1, d), outs.reshape(-1, d)).reshape(ins.shape[:-1])
     rank_in, rank_out = proj.target_rank[0], proj.target_rank[1]
     return LNFilter(layers, positions, k, tid, jaccard, rank_in, rank_out, rank_out - rank_in, kl)
 
 
 # ------------------------------------------------------------------------------------------------
-# "regularization neurons" (research §3.3; a heuristic, labelled as such)
+# "regularization neurons" (VISIT's observation; a heuristic, labelled as such)
 # ------------------------------------------------------------------------------------------------
 @dataclass(eq=False)
 class NeuronActivity:
-    """Per-MLP-neuron activity of one layer over a corpus of traces (heuristic, research §3.3).
+    """Per-MLP-neuron activity of one layer over a corpus of traces (a heuristic for VISIT's
+    "regularization neurons": active almost always, with a consistent sign).
 
     frequency [F]: fraction of tokens with |a_n| > tau. mean_contribution [F]: mean over tokens of
     a_n * |value_n|. sign_consistency [F]: |mean sign(a_n)| over the tokens where the neuron is active
@@ -416,8 +356,8 @@ def neuron_activity(traces, layer: int, tau: float | None = None, min_freq: floa
     traces = [traces] if not isinstance(traces, (list, tuple)) else list(traces)
     if not traces:
         raise LensvizError("traces must be a Trace or a non-empty list of Traces")
-    lens = traces[0]._lens
-    if any(tr._lens is not lens for tr in traces):
+    lens = traces[0].lens
+    if any(tr.lens is not lens for tr in traces):
         raise LensvizError("all traces must come from the same Lens")
     layer = _layer(traces[0], layer)
     a = torch.cat([tr.mlp_activations(layer) for tr in traces]).double()  # [N, F]
@@ -485,7 +425,7 @@ class _GraphBuilder:
         rows = torch.stack(self.vectors + [v for _, _, v in self.extras]).to(dtype)
         top = self.lens.project(rows, self.k, target=self.target_id)
         tops, ranks = self._tops(top), top.target_rank.tolist()
-        entropy, p_target = _entropy_and_target_prob(self.lens, rows[:n], self.target_id)
+        entropy, p_target = vocab.entropy_and_target_prob(vocab.unembedding(self.lens), rows[:n], self.target_id)
         for i, node in enumerate(self.nodes):
             node["top"] = tops[i]
             node["label"] = node["top"][0]["token"]
@@ -507,7 +447,7 @@ def _attention_subgraph(g: _GraphBuilder, trace, layer: int, t: int, attn: Atten
                         ids: dict, n_heads: int, n_memory: int, n_wo: tuple, s: dict) -> None:
     """attn_input -> qkv -> q_h -> key_j -> value_j -> head output -> concat -> W_O neurons / bias ->
     attn_output, for the `n_heads` heads with the largest |O_h| (before W_O)."""
-    lens = trace._lens
+    lens = trace.lens
     p = f"L{layer}."
     approx = {"approx": qk.approx, "note": qk.note}
     qkv = g.node(p + "qkv", "qkv", qk.q_dir.sum(0), layer=layer, position=t, **approx)
@@ -608,18 +548,17 @@ def visit_graph(trace, position: int = -1, layers=None, n_heads: int = 10, n_mem
     ([{"token", "id", "prob"}] * k), "target_rank" (0 = most probable), "target_prob", "entropy" (bits),
     "norm", and kind-specific fields (position, token, attention, neuron, activation, score, approx,
     note, bottom, key / value / gate hover projections)}. An edge: {"source", "target", "weight"
-    (research §3.1 rules, `DEFAULT_SCALES`), "kind", "meaning", optional sign / attention / activation
+    (VISIT's width rules, `DEFAULT_SCALES`), "kind", "meaning", optional sign / attention / activation
     / filter (the LN semantic filter numbers on "ln" edges)}.
     """
-    lens = trace._lens
+    lens = trace.lens
     t = _position(trace, position)
-    layers = _layers(trace, layers)
-    counts = [_count(v, name) for v, name in ((n_heads, "n_heads"), (n_memory, "n_memory"),
+    layers = check_layer_list(layers, trace.n_layers)
+    counts = [check_int(v, name) for v, name in ((n_heads, "n_heads"), (n_memory, "n_memory"),
                                                (n_wo_top, "n_wo_top"), (n_wo_bottom, "n_wo_bottom"),
                                                (n_mlp_top, "n_mlp_top"), (n_mlp_bottom, "n_mlp_bottom"))]
     n_heads, n_memory = min(counts[0], lens.n_heads), counts[1]
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= lens.vocab_size:
-        raise LensvizError(f"k must be an int in [1, {lens.vocab_size}], got {k!r}")
+    k = check_int(k, "k", 1, lens.vocab_size)
     if scales is not None and (not isinstance(scales, dict) or set(scales) - set(DEFAULT_SCALES)):
         raise LensvizError(f"scales must be a dict with keys from {sorted(DEFAULT_SCALES)}, got {scales!r}")
     s = {**DEFAULT_SCALES, **(scales or {})}
@@ -699,16 +638,10 @@ def head_summaries(trace, layer: int, position: int = -1, heads=None, n_memory: 
     "value" (proj of v_j W_O,h), "value_norm"}] for the n_memory largest A_h[t, j]}. Each proj is
     {"top": [{"token", "id", "prob"}] * k, "target_rank", "target_prob", "entropy", "norm"}. All heads'
     vectors go through one batched projection."""
-    lens = trace._lens
+    lens = trace.lens
     layer, t = _layer(trace, layer), _position(trace, position)
-    if heads is None:
-        heads = list(range(lens.n_heads))
-    elif isinstance(heads, int) and not isinstance(heads, bool):
-        heads = [heads]
-    from ..trace import check_index
-
-    heads = [check_index(h, lens.n_heads, "head") for h in heads]
-    n_memory = _count(n_memory, "n_memory")
+    heads = check_index_list(heads, lens.n_heads, "heads", "head", sort=False)
+    n_memory = check_int(n_memory, "n_memory")
     attn, qk = attention_parts(trace, layer, t), qk_forms(trace, layer, t)
     g = _GraphBuilder(lens, _target_id(trace, target), k)
     for h in heads:

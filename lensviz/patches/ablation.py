@@ -1,14 +1,14 @@
 """Ablations: zero attention heads (their slice of the output-projection input) and set FFN neurons
-(the LM-Debugger on/off switches, methods-2 §1.4)."""
+(the on/off switches of LM-Debugger, Geva et al. 2022)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
 
+from ..checks import check_index, check_index_list, check_number, check_positions
 from ..errors import LensvizError
-from ..trace import check_index
-from .base import Patch, check_heads, check_number, check_positions
+from .base import Patch, check_heads
 
 NEURON_MODES = ("set", "scale", "on")
 
@@ -60,14 +60,9 @@ class NeuronPatch(Patch):
         return self.mode == "on"
 
     def _neurons(self, lens):
-        items = [self.neurons] if isinstance(self.neurons, int) and not isinstance(self.neurons, bool) else self.neurons
-        try:
-            items = list(items)
-        except TypeError:
-            raise LensvizError(f"neurons must be an int or a list of ints, got {self.neurons!r}") from None
-        if not items:
-            raise LensvizError("neurons is empty")
-        return sorted({check_index(n, lens.d_mlp, "neuron") for n in items})
+        if self.neurons is None:
+            raise LensvizError("neurons must be an int or a list of neuron indices")
+        return check_index_list(self.neurons, lens.d_mlp, "neurons", "neuron")
 
     def validate(self, lens, n_tokens):
         check_index(self.layer, lens.n_layers, "layer")
@@ -82,8 +77,8 @@ class NeuronPatch(Patch):
 
     def on_value(self, base) -> float:
         """LM-Debugger's "on" coefficient for this layer: max_j |m_j|·||v_j|| at the last position + 0.01."""
-        layer = self.first_layer(base._lens)
-        w = base.adapter.as_in_out(base._lens.weight(layer, "mlp_out"))  # [F, D]
+        layer = self.first_layer(base.lens)
+        w = base.adapter.as_in_out(base.lens.weight(layer, "mlp_out"))  # [F, D]
         scores = base.mlp_activations(layer)[-1].abs() * w.norm(dim=-1).to(base.mlp_activations(layer).dtype)
         return float(scores.max()) + 0.01
 

@@ -6,9 +6,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ..checks import SITES, check_index, check_positions
 from ..errors import LensvizError
-from ..trace import SITES, Trace, check_index
-from .base import Patch
+from ..hf import args_hidden
+from ..trace import Trace
+from .base import Patch, check_layers
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,7 @@ class ActivationPatch(Patch):
     layer: int
     site: str = "post"
     positions: object = None
+    applies_while_decoding = False
 
     def _pairs(self, n_tokens: int | None) -> list[tuple[int, int]]:
         n_src = len(self.source)
@@ -43,7 +46,7 @@ class ActivationPatch(Patch):
         return pairs
 
     def validate(self, lens, n_tokens):
-        if not isinstance(self.source, Trace) or self.source._lens is not lens:
+        if not isinstance(self.source, Trace) or self.source.lens is not lens:
             raise LensvizError("source must be a Trace made by the same Lens")
         check_index(self.layer, lens.n_layers, "layer")
         if self.site not in SITES:
@@ -75,19 +78,12 @@ class ActivationPatch(Patch):
         if self.site == "pre" or (self.site == "post" and layer + 1 < lens.n_layers):
             ctx.replace_block_input(layer if self.site == "pre" else layer + 1, put)
         elif self.site == "post":  # last block: its output is the final norm's input
-            def hook(mod, args, kwargs):
-                from ..capture import _args_hidden, _replace_hidden
-
-                return _replace_hidden(args, kwargs, put(_args_hidden(args, kwargs)))
-
-            ctx.pre_hook(lens.final_norm_module, hook, with_kwargs=True)
+            ctx.replace_input(lens.final_norm_module, put)
         else:  # mid = pre + attention output: set the attention output to source_mid - pre
             block_in = {}
 
             def keep_input(mod, args, kwargs):
-                from ..capture import _args_hidden
-
-                block_in["x"] = _args_hidden(args, kwargs)
+                block_in["x"] = args_hidden(args, kwargs)
 
             def attn_out(mod, args, output):
                 out = output[0] if isinstance(output, tuple) else output
@@ -110,8 +106,6 @@ def activation_patching_sweep(lens, clean: Trace, corrupt, site: str = "post", l
     "clean_logprob", "corrupt_logprob"}. Runs are forward-only and reuse the corrupt run's blocks
     before the patched layer.
     """
-    from .base import check_layers, check_positions
-
     if not isinstance(clean, Trace):
         raise LensvizError("clean must be a Trace")
     base = corrupt if isinstance(corrupt, Trace) else lens.trace(corrupt, target=clean.target_id, backward=False)

@@ -7,13 +7,22 @@ from dataclasses import dataclass
 
 import torch
 
+from ..checks import check_int, check_number
 from ..errors import LensvizError
-from .base import Patch, check_heads, check_layers, check_number, head_mask
+from .base import Patch, check_heads, check_layers
+
+
+def head_mask(heads: tuple[int, ...], n_heads: int, like: torch.Tensor) -> torch.Tensor:
+    """[H, 1, 1] of 1.0 on the chosen heads, 0.0 elsewhere (like's dtype and device)."""
+    m = torch.zeros(n_heads, 1, 1, dtype=like.dtype, device=like.device)
+    m[list(heads)] = 1
+    return m
 
 
 @dataclass(frozen=True)
 class AttentionPatch(Patch):
-    """A'_h = A_h + eta * P_h after the softmax, on `layers` x `heads` (research §1.7).
+    """A'_h = A_h + eta * P_h after the softmax, on `layers` x `heads` (attention patching with Reversed
+    Attention maps, Katz & Wolf 2025, "Reversed Attention").
 
     maps=None: P = the Reversed Attention of the same prompt and target (self-patching); else a dict
     {layer: Tensor[H, T, T]}, e.g. from `lensviz.lenses.reversed.average_reversed_attention`.
@@ -28,6 +37,10 @@ class AttentionPatch(Patch):
     @property
     def needs_base(self) -> bool:
         return self.maps is None and self.eta != 0
+
+    @property
+    def applies_while_decoding(self) -> bool:  # eta != 0 adds [T, T] maps of one prompt length
+        return self.eta == 0
 
     def _layers(self, lens):
         if self.maps is not None and self.layers is None:
@@ -66,15 +79,15 @@ class AttentionPatch(Patch):
 @dataclass(frozen=True)
 class TopKAttention(Patch):
     """Keep the k largest (scaled, masked) scores per query and head before the softmax; the softmax
-    then normalises over the kept keys only (methods-2 §5). Rows with fewer than k allowed keys keep all."""
+    then normalises over the kept keys only (top-k attention, Gupta et al. 2021, "Memory-efficient
+    Transformers via Top-k Attention"). Rows with fewer than k allowed keys keep all."""
 
     k: int
     layers: object = None
     heads: object = None
 
     def validate(self, lens, n_tokens):
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
-            raise LensvizError(f"k must be a positive int, got {self.k!r}")
+        check_int(self.k, "k", 1)
         check_layers(self.layers, lens)
         check_heads(self.heads, lens)
 

@@ -1,4 +1,5 @@
-"""The Patch protocol: a frozen dataclass that installs itself into one run through a PatchContext.
+"""The Patch protocol: a frozen dataclass that installs itself into one run through a
+`capture.PatchContext`, and says what it needs (a base trace, the prompt, a fixed prompt length).
 
 A patch never touches weights; everything it installs is registered on the run's ExitStack and so
 removed when the run ends, also when it raises (capture.run owns that stack).
@@ -7,8 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import LensvizError
-from ..trace import check_index, check_layer_list
+from ..checks import check_index_list
 
 
 @dataclass(frozen=True)
@@ -17,6 +17,11 @@ class Patch:
 
     #: True when the patch needs an unpatched trace of the same prompt and target (ctx.base)
     needs_base = False
+    #: True when lens.patched needs base=<a trace of the prompt> to know which tokens it acts on
+    needs_prompt = False
+    #: False when the patch acts on one prompt's [T]-sized positions or [T, T] maps and so cannot apply
+    #: to generate's one-token decoding steps
+    applies_while_decoding = True
 
     def validate(self, lens, n_tokens: int) -> None:
         """Raise LensvizError for values that do not fit this model / prompt (called before the run)."""
@@ -31,49 +36,9 @@ class Patch:
 
 def check_layers(layers, lens, what: str = "layers") -> tuple[int, ...]:
     """None -> every layer; an int or an iterable of ints -> checked, normalised, sorted, unique."""
-    return tuple(check_layer_list(layers, lens.n_layers, what=what))
+    return tuple(check_index_list(layers, lens.n_layers, what, "layer"))
 
 
 def check_heads(heads, lens) -> tuple[int, ...]:
-    if heads is None:
-        return tuple(range(lens.n_heads))
-    if isinstance(heads, int) and not isinstance(heads, bool):
-        heads = [heads]
-    try:
-        items = list(heads)
-    except TypeError:
-        raise LensvizError(f"heads must be None, an int or a list of ints, got {heads!r}") from None
-    if not items:
-        raise LensvizError("heads is empty")
-    return tuple(sorted({check_index(h, lens.n_heads, "head") for h in items}))
-
-
-def check_number(value, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
-        raise LensvizError(f"{what} must be a finite number, got {value!r}")
-    return float(value)
-
-
-def check_positions(positions, n_tokens: int) -> tuple[int, ...] | None:
-    if positions is None:
-        return None
-    if isinstance(positions, int) and not isinstance(positions, bool):
-        positions = [positions]
-    try:
-        items = list(positions)
-    except TypeError:
-        raise LensvizError(f"positions must be None, an int or a list of ints, got {positions!r}") from None
-    if n_tokens is None:  # length not known yet (lens.patched without a base): non-negative ints only
-        if not all(isinstance(p, int) and not isinstance(p, bool) and p >= 0 for p in items):
-            raise LensvizError(f"positions must be non-negative ints here, got {positions!r}")
-        return tuple(sorted(set(items)))
-    return tuple(sorted({check_index(p, n_tokens, "position") for p in items}))
-
-
-def head_mask(heads: tuple[int, ...], n_heads: int, like):
-    """[H, 1, 1] of 1.0 on the chosen heads, 0.0 elsewhere."""
-    import torch
-
-    m = torch.zeros(n_heads, 1, 1, dtype=like.dtype, device=like.device)
-    m[list(heads)] = 1
-    return m
+    """None -> every head; an int or an iterable of ints -> checked, normalised, sorted, unique."""
+    return tuple(check_index_list(heads, lens.n_heads, "heads", "head"))

@@ -23,7 +23,7 @@ def compare(base: Trace, patched: Trace, site: str = "post") -> dict:
     tid = base.target_id
     lp0 = torch.log_softmax(base.logits[-1].double(), -1)
     lp1 = torch.log_softmax(patched.logits[-1].double(), -1)
-    strings = base._lens.token_strings
+    strings = base.lens.token_strings
     ll0, ll1 = base.logit_lens(k=1, site=site), patched.logit_lens(k=1, site=site)
     changed = ll0.ids[..., 0] != ll1.ids[..., 0]
     changes = [{"layer": int(layer), "position": int(pos), "before": strings[int(ll0.ids[layer, pos, 0])],

@@ -1,4 +1,4 @@
-"""Forward-pass shift edit preview (Backward Lens, research §2.6): W_ff2 += eta * x_T e_t^T at one layer,
+"""Forward-pass shift edit preview (Backward Lens, Katz et al. 2024): W_ff2 += eta * x_T e_t^T at one layer,
 where x_T is the FF2 input at the edited position and e_t the target's input embedding. Applied as the
 exactly equivalent output change d(mlp_out)_i = eta (a_i . x_T) e_t, so weights are never written."""
 from __future__ import annotations
@@ -7,8 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..trace import check_index
-from .base import Patch, check_number
+from ..checks import check_index, check_number
+from ..hf import materialized
+from .base import Patch
 
 
 @dataclass(frozen=True)
@@ -34,9 +35,7 @@ class ShiftEdit(Patch):
         layer = self.first_layer(lens)
         x_t = ctx.base.mlp_activations(layer)[self.position]  # [F]
         emb = lens.model.get_input_embeddings()
-        from ..lens import _materialized
-
-        with _materialized(lens.model, lens.adapter.embed):
+        with materialized(lens.model, lens.adapter.embed):
             e_t = emb.weight[ctx.base.target_id].detach().to("cpu", copy=True)
         eta = float(self.eta)
 

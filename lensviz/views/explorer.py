@@ -12,8 +12,10 @@ import anywidget
 import traitlets
 
 from .. import patches as P
+from ..checks import SITES, check_index, check_int, check_number
 from ..errors import LensvizError
-from ..trace import SITES, check_index
+from ..lens import Lens
+from ..trace import Trace
 from . import payload
 
 STATIC = pathlib.Path(__file__).parent / "static"
@@ -39,7 +41,7 @@ def patch_from_spec(spec, lens, base) -> P.Patch:
     if not isinstance(spec, dict) or "type" not in spec:
         raise LensvizError(f"a patch must be an object with a 'type', got {spec!r}")
     kind = spec["type"]
-    num = lambda key, default=None: P.base.check_number(spec.get(key, default), key)  # noqa: E731
+    num = lambda key, default=None: check_number(spec.get(key, default), key)  # noqa: E731
     if kind == "attention":
         layers = spec.get("layers")
         heads = spec.get("heads")
@@ -52,10 +54,7 @@ def patch_from_spec(spec, lens, base) -> P.Patch:
         return P.NeuronPatch(check_index(spec.get("layer"), lens.n_layers, "layer"),
                              [check_index(spec.get("neuron"), lens.d_mlp, "neuron")], num("value", 0.0), mode=mode)
     if kind == "topk":
-        k = spec.get("k")
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise LensvizError(f"k must be a positive int, got {k!r}")
-        return P.TopKAttention(k)
+        return P.TopKAttention(check_int(spec.get("k"), "k", 1))
     if kind == "segments":
         return P.SegmentMask("auto" if spec.get("auto") else None)
     raise LensvizError(f"unknown patch type {kind!r}; allowed: attention, ablate, neuron, topk, segments")
@@ -103,14 +102,18 @@ class Explorer(anywidget.AnyWidget):
     error = traitlets.Unicode("").tag(sync=True)
     code = traitlets.Unicode("").tag(sync=True)
 
-    def __init__(self, lens, prompt, target=None, **kwargs):
-        from ..lens import Lens
-
+    def __init__(self, lens, prompt, target=None, *, trace=None, **kwargs):
         if not isinstance(lens, Lens):
             raise LensvizError(f"Explorer needs a lensviz Lens (lv.load() or lv.Lens(model, tokenizer)), got {type(lens).__name__}")
+        if trace is not None and (not isinstance(trace, Trace) or trace.lens is not lens):
+            raise LensvizError("trace must be a Trace made by this Lens")
         super().__init__(**kwargs)
         self._setup(lens)
-        self.run(prompt, target)
+        if trace is None:
+            self.run(prompt, target)
+        else:  # show an existing trace as it is (a patched one next to its unpatched base)
+            base = trace if not trace.patches else lens.trace(trace.prompt, trace.target_id)
+            self._show(base, trace, trace.patches, [], None, True, trace.target)
 
     def __repr__(self) -> str:
         n = len(self.trace) if self.trace is not None else 0
@@ -120,12 +123,7 @@ class Explorer(anywidget.AnyWidget):
     @classmethod
     def from_trace(cls, trace, **kwargs) -> "Explorer":
         """An Explorer showing an existing (unpatched or patched) trace without re-running it."""
-        ex = cls.__new__(cls)
-        anywidget.AnyWidget.__init__(ex, **kwargs)
-        ex._setup(trace._lens)
-        base = trace if not trace.patches else trace._lens.trace(trace.prompt, trace.target_id)
-        ex._show(base, trace, trace.patches, [], None, True, trace.target)
-        return ex
+        return cls(trace.lens, trace.prompt, trace=trace, **kwargs)
 
     def _setup(self, lens):
         self.lens = lens

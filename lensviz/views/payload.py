@@ -3,9 +3,17 @@ uint8/int8 quantised maps), never [layers, T, V] or T x T JSON lists. Each funct
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
+from ..errors import LensvizError
 from ..lenses import reversed as rev
+from ..lenses.backward import backward_lens
+from ..lenses.neurons import build_value_index, debugger_view, project_values, value_vectors
+from ..lenses.visit import visit_graph
+
+_VALUE_INDEX: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # Lens -> its ValueIndex, built once
 
 
 def _i32(x: torch.Tensor) -> bytes:
@@ -49,7 +57,7 @@ def logit_lens_grid(trace, site: str = "post") -> tuple[dict, list[bytes]]:
     """Top-1 token per (layer, position): meta + [ids int32 [L,T], probs uint8 [L,T], target rank int32 [L,T]]."""
     ll = trace.logit_lens(k=1, site=site)
     ids = ll.ids[..., 0]
-    meta = {"site": site, "shape": list(ids.shape), "strings": strings_for(trace._lens, ids)}
+    meta = {"site": site, "shape": list(ids.shape), "strings": strings_for(trace.lens, ids)}
     return meta, [_i32(ids), _u8(ll.probs[..., 0]), _i32(ll.target_rank)]
 
 
@@ -64,7 +72,7 @@ def cell_topks(trace, cells, site: str = "post", k: int = 10) -> list[dict]:
     if not cells:
         return []
     v = torch.stack([trace.resid(layer, site)[position] for layer, position in cells])
-    top = trace._lens.project(v, k=k, target=trace.target_id)
+    top = trace.lens.project(v, k=k, target=trace.target_id)
     tokens, probs, ranks, norms = top.tokens, top.probs.tolist(), top.target_rank.tolist(), v.norm(dim=-1).tolist()
     return [{"layer": layer, "position": position, "site": site, "target_rank": int(ranks[i]), "norm": float(norms[i]),
              "top": [{"token": t, "prob": float(p)} for t, p in zip(tokens[i], probs[i])]}
@@ -108,8 +116,6 @@ def neurons(trace, layer: int, position: int, k: int = 10, include=()) -> dict:
     """LM-Debugger at one layer and position: before/after predictions and the top sub-updates with
     their (sign-corrected) value-vector tokens; neurons in `include` (e.g. patched ones, whose
     coefficient may now be 0) are listed too."""
-    from ..lenses.neurons import debugger_view, project_values, value_vectors
-
     view = debugger_view(trace, position=position, k=k, value_k=6, layers=[layer])
     row = view["layers"][0]
     subs = [{"neuron": s["dim"], "coef": s["coeff"], "score": s["score"],
@@ -117,8 +123,8 @@ def neurons(trace, layer: int, position: int, k: int = 10, include=()) -> dict:
     extra = [n for n in include if n not in {s["neuron"] for s in subs}]
     if extra:
         a = trace.mlp_activations(layer)[view["position"], extra]
-        norms = value_vectors(trace._lens, layer)[extra].norm(dim=-1)
-        proj = project_values(trace._lens, layer, extra, 6, signs=a)
+        norms = value_vectors(trace.lens, layer)[extra].norm(dim=-1)
+        proj = project_values(trace.lens, layer, extra, 6, signs=a)
         subs += [{"neuron": n, "coef": float(c), "score": float(abs(c) * v), "tokens": toks}
                  for n, c, v, toks in zip(extra, a.tolist(), norms.tolist(), proj.tokens)]
     return {"layer": int(layer), "position": int(view["position"]),
@@ -130,13 +136,10 @@ def neurons(trace, layer: int, position: int, k: int = 10, include=()) -> dict:
 def backward_table(trace) -> tuple[dict, list[bytes]]:
     """Backward Lens top-1 / bottom-1 per (layer, position) for FF1 inputs and FF2 gradients:
     [ff1 top, ff1 bottom, ff2 top, ff2 bottom] int32 [L, T], ||delta|| float32, ff2 and ff1 target ranks int32."""
-    from ..lenses.backward import backward_lens
-
     bl = backward_lens(trace, k=1)
     parts = [bl.ff1.top.ids[..., 0], bl.ff1.bottom.ids[..., 0], bl.ff2.top.ids[..., 0], bl.ff2.bottom.ids[..., 0]]
-    strings = strings_for(trace._lens, torch.stack(parts))
-    meta = {"shape": list(parts[0].shape), "strings": strings, "normalize": bl.ff2.normalize
-            if hasattr(bl.ff2, "normalize") else None}
+    strings = strings_for(trace.lens, torch.stack(parts))
+    meta = {"shape": list(parts[0].shape), "strings": strings, "normalize": bl.normalize}
     bufs = [_i32(p) for p in parts] + [bl.ff2.norm.float().contiguous().numpy().tobytes(),
                                        _i32(bl.ff2.target_rank), _i32(bl.ff1.target_rank)]
     return meta, bufs
@@ -149,8 +152,6 @@ FLOW_ROWS = {"block_input": 0, "attn_input": 1, "qkv": 2, "head_query": 3, "memo
 
 def flow_graph(trace, position: int, layers=None) -> dict:
     """The VISIT graph (plain data) with a drawing row per node (layer-major, stage-minor)."""
-    from ..lenses.visit import visit_graph
-
     g = visit_graph(trace, position=position, layers=layers, n_heads=4, n_wo_top=4, n_wo_bottom=2,
                     n_mlp_top=6, n_mlp_bottom=3)
     n_stages = max(FLOW_ROWS.values()) + 1
@@ -161,14 +162,11 @@ def flow_graph(trace, position: int, layers=None) -> dict:
 
 def value_search(lens, token) -> dict:
     """Value vectors whose projection has `token` in its top tokens (index built once per model, cached)."""
-    from ..errors import LensvizError
-    from ..lenses.neurons import build_value_index
-
     if not isinstance(token, str) or not token:
         raise LensvizError("search needs a token (text)")
-    index = getattr(lens, "_value_index", None)
+    index = _VALUE_INDEX.get(lens)
     if index is None:
-        index = lens._value_index = build_value_index(lens)
+        index = _VALUE_INDEX[lens] = build_value_index(lens)
     hits = index.query(token, limit=20)
     return {"hits": [{"layer": h["layer"], "dim": h["dim"], "rank": h["rank"], "logit": h["logit"],
                       "tokens": [t["token"] if isinstance(t, dict) else str(t)
@@ -177,5 +175,5 @@ def value_search(lens, token) -> dict:
 
 def masks(trace) -> dict:
     """The attention mask each query used (segment masks included) as 0/1 rows, with the tokens."""
-    allowed = trace._allowed(0)
+    allowed = trace.attention_mask(0)
     return {"tokens": list(trace.tokens), "mask": allowed.int().tolist(), "segments": [list(s) for s in trace.segments]}

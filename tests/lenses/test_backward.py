@@ -98,7 +98,7 @@ def test_tables_are_the_plain_projections(traced, normalize):
     delta = torch.stack([tr.resid_grad(layer, "post") for layer in range(lens.n_layers)])  # MLP output feeds "post"
     check_grid(table.ff1, plain_logits(lens, x), tr.target_id, 4, x)  # FF1 inputs: never normalised
     check_grid(table.ff2, plain_logits(lens, delta, want_norm), tr.target_id, 4, delta)
-    assert table.ff1.top.tokens[1][2] == [tr._lens.decode(i) for i in table.ff1.top.ids[1, 2].tolist()]
+    assert table.ff1.top.tokens[1][2] == [tr.lens.decode(i) for i in table.ff1.top.ids[1, 2].tolist()]
     assert torch.equal(table.delta_norm, table.ff2.norm)
 
 

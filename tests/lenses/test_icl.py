@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import lensviz as lv
 import lensviz.capture as capture
-from lensviz.lenses import icl
+from lensviz.studies import icl
 from tests import models
 from tests.conftest import PROMPT
 from tests.test_nothing_lost import assert_no_lensviz_hooks, assert_same, snapshot

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import lensviz as lv
-from lensviz.lenses import vocab
+from lensviz import vocab
 from tests import models
 from tests.conftest import PROMPT
 
@@ -91,7 +91,7 @@ def test_two_stage_topk_equals_plain_topk(tiny, monkeypatch, group):
     x[0, :64] = x[0, 0]  # ties inside a group: any of the tied columns, with the tied value
     for k in (3, 10):
         for largest in (True, False):
-            idx = vocab._topk_indices(x, k, largest=largest)
+            idx = vocab.top_indices(x, k, largest=largest)
             want = x.topk(k, dim=-1, largest=largest).values
             assert torch.equal(x.gather(1, idx), want) and all(len(set(row)) == k for row in idx.tolist())
 

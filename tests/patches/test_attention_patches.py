@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import lensviz as lv
-from lensviz import capture
+from lensviz import attention
 from lensviz.patches import topk_fidelity
 from tests import models
 from tests.conftest import PROMPT
@@ -87,13 +87,13 @@ def test_explicit_path_equals_eager_and_chunking_does_not_matter(lens):  # §5.6
     scores = (q @ kk.transpose(-1, -2)) * 0.3
     scores = scores.masked_fill(~torch.ones(9, 9, dtype=torch.bool).tril(), float("-inf"))
     eager = torch.softmax(scores, -1) @ vv
-    full = capture.explicit_attention(q, k, v, None, 0.3)
+    full = attention.explicit_attention(q, k, v, None, 0.3)
     assert torch.allclose(full, eager, atol=1e-12)
-    top = capture.AttentionEdit(scores=[lambda s, rows: s.masked_fill(s < s.topk(2, -1).values[..., -1:], float("-inf"))])
-    whole = capture.explicit_attention(q, k, v, None, 0.3, top)
+    top = attention.AttentionEdit(scores=[lambda s, rows: s.masked_fill(s < s.topk(2, -1).values[..., -1:], float("-inf"))])
+    whole = attention.explicit_attention(q, k, v, None, 0.3, top)
     for chunk in (1, 2, 5, 9):
-        assert torch.allclose(capture.explicit_attention(q, k, v, None, 0.3, chunk=chunk), full, atol=1e-15)
-        assert torch.allclose(capture.explicit_attention(q, k, v, None, 0.3, top, chunk=chunk), whole, atol=1e-15)
+        assert torch.allclose(attention.explicit_attention(q, k, v, None, 0.3, chunk=chunk), full, atol=1e-15)
+        assert torch.allclose(attention.explicit_attention(q, k, v, None, 0.3, top, chunk=chunk), whole, atol=1e-15)
 
 
 def test_topk_rows_and_renormalisation(lens):  # §5.6 checks 2, 3, 4, 5
@@ -132,15 +132,15 @@ def test_topk_key_selection_runs_as_a_mask_and_does_not_depend_on_chunks(lens):
     edit = tr._edit(1)
     assert edit.keep and not edit.explicit  # the fused kernel runs, with a boolean mask
     q, k, _ = (x[None] for x in tr.qkv(1))
-    whole = capture.keep_mask(q, k, None, tr.attention_scaling(1), edit.keep)
+    whole = attention.keep_mask(q, k, None, tr.attention_scaling(1), edit.keep)
     assert whole.dtype == torch.bool and torch.equal(whole[0], tr.attention(1) > 0)
     for chunk in (1, 3):
-        assert torch.equal(capture.keep_mask(q, k, None, tr.attention_scaling(1), edit.keep, chunk=chunk), whole)
+        assert torch.equal(attention.keep_mask(q, k, None, tr.attention_scaling(1), edit.keep, chunk=chunk), whole)
     # the same selection on the explicit path (with a no-op score edit) gives the same run
-    both = capture.AttentionEdit(keep=list(edit.keep), scores=[lambda s, rows: s])
+    both = attention.AttentionEdit(keep=list(edit.keep), scores=[lambda s, rows: s])
     v = tr.qkv(1)[2][None]
     fused = tr.head_values(1)
-    explicit = capture.explicit_attention(q, k, v, None, tr.attention_scaling(1), both)[0]
+    explicit = attention.explicit_attention(q, k, v, None, tr.attention_scaling(1), both)[0]
     assert torch.allclose(explicit, fused, atol=1e-12)
 
 

@@ -1,4 +1,5 @@
-"""In-context learning vs gradient descent (Deutch et al., NAACL 2024; research/methods-2.md §6).
+"""In-context learning vs gradient descent (Deutch, Magar, Bar Natan & Dar, NAACL 2024, "In-context
+Learning and Gradient Descent Revisited").
 
 Three settings on the same queries: ZS (the model, no demonstrations), ICL (the demonstrations in context
 before the query) and FT (the model after one epoch of plain SGD, batch 1, over the demonstrations, with
@@ -19,18 +20,21 @@ through `torch.func.functional_call`; every hook and flag is restored on exit, a
 """
 from __future__ import annotations
 
-import inspect
 import math
 import numbers
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch.func import functional_call
 
 from .. import capture
+from ..attention import repeat_kv
+from ..checks import check_int, check_token_ids
 from ..errors import LensvizError
+from ..hf import args_hidden, forward_kwargs, frozen_eval, has_offloaded, input_device, module_device, replace_hidden
+from ..lens import Lens
+from ..vocab import nll
 
 MODES = ("standard", "layer_causal")
 PARAM_SETS = ("kv", "k", "v", "q", "qk", "qv", "qkv")
@@ -39,8 +43,6 @@ SETTINGS = ("zs", "icl") + MODES  # keys of ICLComparison.attn_out / .scores
 
 # validation and encoding -------------------------------------------------------------------------------
 def _check_lens(lens) -> None:
-    from ..lens import Lens
-
     if not isinstance(lens, Lens):
         raise LensvizError(f"the first argument must be a lensviz Lens, got {type(lens).__name__}")
 
@@ -70,10 +72,8 @@ def _check_params(params) -> str:
     return params
 
 
-def _check_int(value, what: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < low:
-        raise LensvizError(f"{what} must be an int >= {low}, got {value!r}")
-    return int(value)
+def _check_ids(lens, ids, what: str) -> None:
+    check_token_ids(ids, lens.vocab_size, what)
 
 
 def _plain_ids(lens, text: str) -> list[int]:
@@ -128,7 +128,7 @@ def _demonstrations(lens, demonstrations) -> list[Demonstration]:
                                "text, e.g. ' positive' (leading space matters)")
         out.append(Demonstration(tuple(text_ids), tuple(label_ids)))
     for d in out:
-        lens._check_ids(list(d.text_ids) + list(d.label_ids), "a demonstration")
+        _check_ids(lens, list(d.text_ids) + list(d.label_ids), "a demonstration")
     return out
 
 
@@ -143,7 +143,7 @@ def _queries(lens, queries) -> list[list[int]]:
         ids = _plain_ids(lens, q) if q else []
         if not ids:
             raise LensvizError(f"query {i} ({q!r}) encodes to no token")
-        lens._check_ids(ids, f"query {i}")
+        _check_ids(lens, ids, f"query {i}")
         out.append(ids)
     return out
 
@@ -165,9 +165,7 @@ def _check_runnable(lens) -> None:
     if torch.is_inference_mode_enabled():
         raise LensvizError("ICL-vs-GD fine-tunes with autograd and cannot run inside torch.inference_mode(); "
                            "leave the inference_mode block")
-    from accelerate.utils import has_offloaded_params
-
-    if any(has_offloaded_params(m) for m in lens.model.modules()):
+    if has_offloaded(lens.model):
         raise LensvizError("ICL-vs-GD runs the model on fine-tuned copies of its key/value weights, which accelerate's "
                            "offloading would overwrite: load the model without offloading (everything on one "
                            "device map without 'disk' or 'cpu' offload)")
@@ -227,33 +225,17 @@ class _Trainable:
         return sq.sqrt()
 
 
-def _forward_kwargs(model, keep: int) -> dict:
-    """Model-call kwargs: no cache, and logits only for the last `keep` positions where the model's forward
-    takes `logits_to_keep` (the unembedding of every position is most of a small model's cost)."""
-    kwargs = {"use_cache": False}
-    if "logits_to_keep" in inspect.signature(model.forward).parameters:
-        kwargs["logits_to_keep"] = keep
-    return kwargs
-
-
-def _ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed next-token CE of rows [n, V] against targets [n]."""
-    x = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-    return F.cross_entropy(x, targets, reduction="sum")
-
-
 def _losses(lens, trainable: _Trainable, leaves, ids, label_pos, mode: str):
     """(the loss to minimise, each layer's logit-lens label CE [L] as floats) of one training example.
     layer_causal: every block's input is detached; the loss is the sum of all layers' CE."""
     model, adapter = lens.model, lens.adapter
-    device = capture.input_device(model, adapter)
+    device = input_device(model, adapter)
     outs = {}
     with ExitStack() as stack:
         for layer, block in enumerate(adapter.blocks_of(model)):
             if mode == "layer_causal":
                 def pre(mod, args, kwargs):
-                    x = capture._args_hidden(args, kwargs)
-                    return capture._replace_hidden(args, kwargs, x.detach())
+                    return replace_hidden(args, kwargs, args_hidden(args, kwargs).detach())
 
                 stack.callback(block.register_forward_pre_hook(pre, with_kwargs=True).remove)
 
@@ -263,21 +245,18 @@ def _losses(lens, trainable: _Trainable, leaves, ids, label_pos, mode: str):
             stack.callback(block.register_forward_hook(post).remove)
         n = len(label_pos)  # label_pos are the last n positions: logits are needed at T-n-1 .. T-2
         logits = functional_call(model, trainable.full(leaves), (ids.to(device)[None],),
-                                 _forward_kwargs(model, n + 1), strict=False).logits[0]
+                                 forward_kwargs(model, n + 1), strict=False).logits[0]
     rows = (label_pos - 1).to(logits.device)
     targets = ids[label_pos].to(logits.device)
-    final = _ce(logits[-(n + 1):-1], targets)
+    final = nll(logits[-(n + 1):-1], targets).sum()  # the summed next-token CE of the label rows
     early = torch.zeros(0, dtype=final.dtype, device=final.device)
     if lens.n_layers > 1:  # the logit lens of blocks 0 .. L-2 at the label rows, in one unembedding
         norm, unembed = model.get_submodule(adapter.final_norm), model.get_submodule(adapter.unembed)
-        dev = capture.module_device(norm)
+        dev = module_device(norm)
         with torch.set_grad_enabled(mode == "layer_causal"):
             h = torch.stack([outs[layer][0, rows.to(outs[layer].device)].to(dev) for layer in range(lens.n_layers - 1)])
             lg = unembed(norm(h))  # [L-1, n, V]
-            lg = lg.float() if lg.dtype in (torch.float16, torch.bfloat16) else lg
-            t = targets.to(lg.device).repeat(lens.n_layers - 1)
-            early = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), t, reduction="none").reshape(-1, n).sum(-1)
-            early = early.to(final.device)
+            early = nll(lg, targets.to(lg.device).expand(lens.n_layers - 1, n)).sum(-1).to(final.device)
     per_layer = torch.cat([early.detach(), final.detach()[None]]).to("cpu", torch.float64)
     loss = final if mode == "standard" else final + early.sum()
     return loss, per_layer
@@ -332,7 +311,7 @@ def _finetune(lens, demos, prefix, lr, mode, params) -> FineTune:
     trainable = _Trainable(lens, params)
     leaves = trainable.initial()
     losses, layer_losses, norms = [], [], []
-    with capture.frozen_eval(lens.model):
+    with frozen_eval(lens.model):
         for demo in demos:
             ids, pos = _training_example(prefix, demo)
             loss, per_layer, grads = _grads(lens, trainable, leaves, ids, pos, mode)
@@ -387,7 +366,7 @@ def kv_gradients(lens, demonstration, *, mode: str = "standard", params: str = "
     _check_length(lens, len(ids), "the demonstration")
     trainable = _Trainable(lens, params)
     leaves = _leaves_from(trainable, start)
-    with capture.frozen_eval(lens.model):
+    with frozen_eval(lens.model):
         _, _, grads = _grads(lens, trainable, leaves, ids, pos, modes[0])
     out = {}
     for s, g in zip(trainable.slots, grads):
@@ -414,11 +393,11 @@ def last_token(lens, input_ids, n_keys: int, updated: dict | None = None) -> Las
     Capture goes through lensviz's attention function, as in `lens.trace`."""
     _check_lens(lens)
     ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(-1)
-    n_keys = _check_int(n_keys, "n_keys", 1)
+    n_keys = check_int(n_keys, "n_keys", 1)
     if n_keys > len(ids):
         raise LensvizError(f"n_keys is {n_keys} but the prompt has {len(ids)} tokens")
     _check_length(lens, len(ids), "the prompt")
-    lens._check_ids(ids.tolist(), "input_ids")
+    _check_ids(lens, ids.tolist(), "input_ids")
     return _last_token(lens, ids, n_keys, updated or {})
 
 
@@ -433,7 +412,7 @@ def _last_token(lens, ids, n_keys, updated: dict) -> LastToken:
     rec = capture.Recorder(dims.n_layers, adapter.is_parallel(model.config), False)
     outs = [None] * dims.n_layers
     with ExitStack() as stack:
-        stack.enter_context(capture.frozen_eval(model))
+        stack.enter_context(frozen_eval(model))
         stack.enter_context(capture.installed(model, adapter, rec))
         stack.enter_context(torch.no_grad())
         for layer in range(dims.n_layers):
@@ -442,14 +421,14 @@ def _last_token(lens, ids, n_keys, updated: dict) -> LastToken:
                 outs[layer] = out[0, -1].detach()
 
             stack.callback(adapter.part(model, layer, "o_proj").register_forward_hook(hook).remove)
-        device = capture.input_device(model, adapter)
-        functional_call(model, updated, (ids.to(device)[None],), _forward_kwargs(model, 1), strict=False)
+        device = input_device(model, adapter)
+        functional_call(model, updated, (ids.to(device)[None],), forward_kwargs(model, 1), strict=False)
     scores = []
     rep = dims.n_heads // dims.n_kv_heads
     for layer in range(dims.n_layers):
-        q, k = rec.q[layer], rec.k[layer]  # [H, T, d], [H_kv, T, d]
-        keys = capture.repeat_kv(k[:, -n_keys:], rep)  # [H, n, d]
-        s = torch.einsum("hd,hnd->hn", q[:, -1], keys) * rec.scaling[layer]
+        q, k = rec.sites["q"][layer], rec.sites["k"][layer]  # [H, T, d], [H_kv, T, d]
+        keys = repeat_kv(k[:, -n_keys:], rep)  # [H, n, d]
+        s = torch.einsum("hd,hnd->hn", q[:, -1], keys) * rec.sites["scaling"][layer]
         scores.append(s.to("cpu"))
     return LastToken(torch.stack([o.to("cpu") for o in outs]), torch.stack(scores))
 
@@ -578,7 +557,7 @@ def _nanmean(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 def compare_icl_gd(lens, demonstrations, queries, *, lr: float, mode=MODES, params: str = "kv", seed: int = 0,
                    separator: str = "\n", n_random: int = 1024) -> ICLComparison:
-    """Compare in-context learning with GD fine-tuning (methods-2 §6.5), per layer, on the same queries.
+    """Compare in-context learning with GD fine-tuning (Deutch et al. 2024), per layer, on the same queries.
 
     demonstrations: list of (text, label) pairs, or of str whose last token is the label. Texts and labels
       are tokenised separately (as prompt segments are), without special tokens; the tokenizer's leading
@@ -594,7 +573,7 @@ def compare_icl_gd(lens, demonstrations, queries, *, lr: float, mode=MODES, para
     Returns `ICLComparison`; the model's weights, flags and hooks are as before, also if this raises."""
     _check_lens(lens)
     lr, modes, params = _check_lr(lr), _check_modes(mode), _check_params(params)
-    seed, n_random = _check_int(seed, "seed", 0), _check_int(n_random, "n_random", 1)
+    seed, n_random = check_int(seed, "seed", 0), check_int(n_random, "n_random", 1)
     if not isinstance(separator, str):
         raise LensvizError(f"separator must be a str (put between demonstrations), got {type(separator).__name__}")
     demos = _demonstrations(lens, demonstrations)
@@ -602,7 +581,7 @@ def compare_icl_gd(lens, demonstrations, queries, *, lr: float, mode=MODES, para
     _check_runnable(lens)
     prefix = _special_prefix(lens, lens.tokenizer.decode(qs[0]))
     sep = _plain_ids(lens, separator) if separator else []
-    lens._check_ids(sep, "the separator")
+    _check_ids(lens, sep, "the separator")
     context = list(prefix)
     for i, d in enumerate(demos):
         _check_length(lens, len(prefix) + len(d.text_ids) + len(d.label_ids), f"demonstration {i}")
