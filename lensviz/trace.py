@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .adapters import Adapter, Dims
 from .attention import attention_probs, causal_allowed, edited_probs, edited_scores, repeat_kv
 from .capture import Recording
 from .checks import SITES, check_index, check_layer_list, check_site  # noqa: F401  (SITES, check_layer_list: re-exported)
@@ -39,39 +38,19 @@ class Trace:
     patches: tuple = ()
     prompt: object = None  # the prompt as given (str or list of segments)
 
-    # what the run computed --------------------------------------------------------------------------
-    @property
-    def target_id(self) -> int:
-        return self.recording.target_id
-
-    @property
-    def loss(self) -> float:
-        """L = -log softmax(logits[-1])[target]."""
-        return self.recording.loss
-
-    @property
-    def logits(self) -> torch.Tensor:
-        """Output logits [T, V]."""
-        return self.recording.logits
+    # what the run computed, and sizes -----------------------------------------------------------------
+    target_id = property(lambda self: self.recording.target_id, doc="int: the explained token's id")
+    loss = property(lambda self: self.recording.loss, doc="float: L = -log softmax(logits[-1])[target]")
+    logits = property(lambda self: self.recording.logits, doc="Tensor [T, V]: the output logits")
+    adapter = property(lambda self: self.lens.adapter, doc="Adapter: the family description")
+    dims = property(lambda self: self.lens.dims, doc="Dims: the model sizes")
+    n_layers = property(lambda self: self.lens.dims.n_layers)
 
     @property
     def layer_losses(self) -> list | None:
         """gradient="layer_causal": each layer's logit-lens NLL of the target (else None)."""
         losses = self.recording.layer_losses
         return None if losses is None else list(losses)
-
-    # shape helpers ---------------------------------------------------------------------------------
-    @property
-    def adapter(self) -> Adapter:
-        return self.lens.adapter
-
-    @property
-    def dims(self) -> Dims:
-        return self.lens.dims
-
-    @property
-    def n_layers(self) -> int:
-        return self.dims.n_layers
 
     def __len__(self) -> int:
         return len(self.tokens)

@@ -40,10 +40,6 @@ def _check_sign(sign) -> int:
     return int(sign)
 
 
-def _topk_data(top: TopK) -> dict:
-    return {"ids": top.ids.tolist(), "tokens": top.tokens, "probs": top.probs.tolist()}
-
-
 # (a) the projection tables -----------------------------------------------------------------------
 @dataclass(eq=False)
 class ProjectionGrid:
@@ -57,10 +53,6 @@ class ProjectionGrid:
     bottom: TopK
     target_rank: torch.Tensor
     norm: torch.Tensor
-
-    def to_data(self) -> dict:
-        return {"top": _topk_data(self.top), "bottom": _topk_data(self.bottom),
-                "target_rank": self.target_rank.tolist(), "norm": self.norm.double().tolist()}
 
 
 @dataclass(eq=False)
@@ -84,17 +76,6 @@ class BackwardLensTable:
     @property
     def delta_norm(self) -> torch.Tensor:
         return self.ff2.norm
-
-    def to_data(self) -> dict:
-        """Plain-data form for the widget (lists, str, int, float, bool only; JSON-serialisable).
-        Nested lists are indexed [layer row][position][rank]; rows follow `layers`."""
-        return {"method": "backward_lens", "tokens": list(self.tokens), "layers": list(self.layers),
-                "target": self.target, "target_id": int(self.target_id), "k": int(self.k),
-                "normalize": bool(self.normalize), "sign": int(self.sign), "vocab_size": int(self.vocab_size),
-                "ff1": {"label": "FF1 inputs x (projection)", **self.ff1.to_data()},
-                "ff2": {"label": ("FF2 VJPs delta" if self.sign == 1 else "FF2 VJPs -delta") + " (projection)",
-                        **self.ff2.to_data()},
-                "delta_norm": self.ff2.norm.double().tolist()}
 
     def __repr__(self) -> str:
         return (f"BackwardLensTable(layers={len(self.layers)}, T={len(self.tokens)}, k={self.k}, "
@@ -267,11 +248,6 @@ class Imprint:
     tokens: TopK
     normalize: bool
 
-    def to_data(self) -> dict:
-        return {"method": "imprint", "layer": self.layer, "part": self.part, "neurons": self.neurons.tolist(),
-                "weights": self.weights.double().tolist(), "update_norm": self.update_norm.double().tolist(),
-                "normalize": self.normalize, **_topk_data(self.tokens),
-                "target_rank": self.tokens.target_rank.tolist()}
 
 
 def imprint_tokens(trace, layer: int, k: int = 10, *, neurons=None, top: int = 5, part: str = "mlp_in",

@@ -102,9 +102,3 @@ class SegmentMask(Patch):
         tokens = [ctx.lens.decode(i) for i in ctx.input_ids.tolist()]
         spans = self.resolve(tokens, ctx.segments)
         ctx.mask_prompt(segment_mask(spans, len(tokens)))
-
-    def to_data(self, trace) -> dict:
-        """The mask and its segments as plain data for a widget: {"segments": [[s, e], ...], "mask": T x T 0/1}."""
-        spans = self.resolve(trace.tokens, trace.segments if not isinstance(trace.prompt, str) else None)
-        return {"segments": [list(s) for s in spans], "mask": segment_mask(spans, len(trace)).int().tolist(),
-                "tokens": list(trace.tokens)}

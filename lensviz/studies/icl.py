@@ -532,18 +532,6 @@ class ICLComparison:
     def grad_norms(self) -> dict:
         return {m: f.grad_norms for m, f in self.finetunes.items()}
 
-    def to_data(self) -> dict:
-        """JSON-ready per-layer curves (NaN as None)."""
-        def clean(t):
-            return [None if math.isnan(x) else x for x in t.double().tolist()]
-
-        return {"modes": list(self.modes), "params": self.params, "lr": self.lr, "n_layers": self.n_layers,
-                "sim_aou": {m: clean(v) for m, v in self.sim_aou.items()},
-                "sim_am": {m: clean(v) for m, v in self.sim_am.items()},
-                "random_sim_aou": clean(self.random_sim_aou), "random_sim_aou_std": clean(self.random_sim_aou_std),
-                "train_losses": {m: v.tolist() for m, v in self.train_losses.items()},
-                "layer_losses": {m: v.tolist() for m, v in self.layer_losses.items()}}
-
     def __repr__(self) -> str:
         parts = [f"{m}: SimAOU {float(torch.nanmean(self.sim_aou[m])):+.3f}, "
                  f"SimAM {float(torch.nanmean(self.sim_am[m])):+.3f}" for m in self.modes]
