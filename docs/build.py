@@ -4,8 +4,8 @@
     .venv/bin/python docs/build.py --check    # write nothing: fail if a page is stale or a link is broken
 
 docs/api.md is rendered from the docstrings of the public modules (lensviz.__all__ first, then the
-lenses, patches, views, export and plot modules); docs/architectures.md from the adapter data in
-lensviz/adapters plus the prose in FAMILY_NOTES below. docs/index.md is written by hand; a line
+lenses, patches, views, export and plot modules); docs/architectures.md from the adapter data and
+module docstrings in lensviz/adapters, the conformance suite's families, and the prose in FAMILY_NOTES. docs/index.md is written by hand; a line
 `<!-- figure: NAME -->` in it is replaced by the image docs/images/NAME.png (or .svg) when that file
 exists, so figures appear as soon as docs/make_images.py has drawn them.
 Link check: every relative link and image in docs/*.md, README.md and notebooks/README.md must point to an existing file,
@@ -246,26 +246,97 @@ PART_MEANING = [
 ]
 
 
-def render_architectures() -> str:
-    from lensviz.adapters import _FAMILIES
+def _adapter_docs() -> dict[str, str]:
+    """family -> the docstring of the adapter module that defines it (the family's own documentation)."""
+    import pkgutil
 
-    lines = [GENERATED_NOTE.replace("the docstrings", "lensviz/adapters and FAMILY_NOTES in docs/build.py"),
+    import lensviz.adapters as pkg
+
+    modules = {info.name: importlib.import_module(f"lensviz.adapters.{info.name}")
+               for info in pkgutil.iter_modules(pkg.__path__)}
+    out = {}
+    for adapter in pkg.families():
+        own = modules.get(adapter.family)  # adapters/<family>.py, else the module that builds it (moe.py)
+        if own is None:
+            own = next(m for m in modules.values() if any(v is adapter for v in vars(m).values()))
+        out[adapter.family] = inspect.getdoc(own) or ""
+    return out
+
+
+def _suite_knobs() -> dict[str, str]:
+    """The conformance suite's families (tests/test_conformance.py): suite entry -> the quirks it turns on."""
+    try:
+        suite = importlib.import_module("tests.test_conformance")
+    except ImportError:  # docs built from a tree without tests
+        return {}
+    return {name: knobs.get("quirks", "") for name, knobs in suite.CONFIGS.items()}
+
+
+def _maths(a) -> list[str]:
+    """The maths flags an adapter declares, in words."""
+    out = []
+    if a.post_attn_norm or a.post_mlp_norm:
+        out.append("post-sublayer norms (frozen-scale writes)")
+    if a.residual_multiplier:
+        out.append(f"residual multiplier `{a.residual_multiplier}`")
+    for attr, what in ((a.logit_softcap, "logit soft-capping"), (a.logit_scale, "logit scale"),
+                       (a.logit_divisor, "logit divisor")):
+        if attr:
+            out.append(f"{what} `{attr}`")
+    if a.norm_gain_offset:
+        out.append(f"RMSNorm gain ({a.norm_gain_offset:g} + w)")
+    if a.gate_up:
+        out.append("fused gate_up")
+    if a.mlp_seq:
+        out.append("block-level MLP")
+    if a.query_scale:
+        out.append("pre-scaled query")
+    if a.moe:
+        out.append("mixture of experts")
+    return out
+
+
+def render_architectures() -> str:
+    from lensviz.adapters import _BYPASS, _FAMILIES
+
+    docs, knobs = _adapter_docs(), _suite_knobs()
+    by_type = {mt: a.family for a in _FAMILIES for mt in a.model_types}
+    suite_of = {}
+    for name in knobs:
+        family = by_type.get(name, "llama" if name == "llama3" else name)
+        suite_of.setdefault(family, []).append(name)
+    lines = [GENERATED_NOTE.replace("the docstrings", "lensviz/adapters, tests/test_conformance.py and FAMILY_NOTES "
+                                    "in docs/build.py"),
              "# Supported architectures\n",
              "lensviz knows a model family through one small data file in `lensviz/adapters/`: an `Adapter` that "
              "maps lensviz's canonical parts (embedding, blocks, q/k/v/o projections, MLP matrices, norms, "
-             "unembedding) to paths in the Hugging Face module tree, plus a few layout flags. Capture, lenses "
-             "and patches read only this description, so every method works on every family below. "
-             "An unsupported `model_type` raises `lv.UnsupportedModelError` naming these families.\n",
+             "unembedding) to paths in the Hugging Face module tree, plus the flags that change the maths "
+             "(post-norms, multipliers, logit transforms, fused projections, experts). Capture, lenses "
+             "and patches read only this description. An unsupported `model_type` raises "
+             "`lv.UnsupportedModelError` naming these families.\n",
+             "Every family is checked by the conformance suite `tests/test_conformance.py`: a tiny random float64 "
+             "model with the family's quirks turned on (column *suite*), compared with HF's logits and eager "
+             "attention, autograd through an independent attention function (Reversed Attention, residual "
+             "gradients, weight gradients), the identities of the methods, hand-patched references, and a "
+             "bf16 / fp16 run that must stay finite. Attention soft-capping, sliding windows, sinks and q/k "
+             "norms need no adapter flag: HF passes them to (or applies them before) the attention function, "
+             "which lensviz replaces.\n",
              "Model-level paths are relative to the `...ForCausalLM` module, block-level paths to one decoder "
              "block. See also the [user guide](index.md) and the [API reference](api.md).\n",
-             "| family | model types | weights | norm | RoPE | parallel residual | fused q/k/v |",
-             "|---|---|---|---|---|---|---|"]
+             "| family | model types | norm | RoPE | parallel | fused q/k/v | maths | suite (quirks on) | lenses and patches |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for a in _FAMILIES:
         par = a.parallel_residual if isinstance(a.parallel_residual, bool) else f"config `{a.parallel_residual}`"
+        suite = "; ".join(f"{n} ({knobs[n] or 'defaults'})" for n in suite_of.get(a.family, [])) or "-"
+        applies = ("all but the neuron-level ones (MLP neurons, value search, Backward Lens FF matrices, "
+                   "NeuronPatch): LensvizError" if a.moe else "all")
         lines.append(f"| [{a.family}](#{anchor(FAMILY_NOTES.get(a.family, {}).get('title', a.family))}) | "
-                     f"{', '.join(a.model_types)} | {a.weight_layout} | {a.norm} | {a.rotary} | {par} | "
-                     f"{a.qkv_split or 'no'} |")
+                     f"{', '.join(a.model_types)} | {a.norm} | {a.rotary} | {par} | {a.qkv_split or 'no'} | "
+                     f"{'; '.join(_maths(a)) or '-'} | {suite} | {applies} |")
     lines.append("")
+    lines.append("Refused with `UnsupportedModelError` (their attention bypasses transformers' attention interface, "
+                 "so lensviz cannot see it): " + ", ".join(f"`{m}`" for m in sorted(_BYPASS)) + "; post-LayerNorm "
+                 "OPT (opt-350m).\n")
     for a in _FAMILIES:
         note = FAMILY_NOTES.get(a.family, {})
         lines.append(f"## {note.get('title', a.family)}\n")
@@ -273,6 +344,8 @@ def render_architectures() -> str:
                      f"Typical checkpoints: {note.get('models', '(see model types)')}.\n")
         if note.get("text"):
             lines.append(note["text"] + "\n")
+        elif docs.get(a.family):
+            lines.append(docs[a.family] + "\n")
         if a.notes:
             lines.append(f"Adapter note: {a.notes}.\n")
         lines.append("| canonical part | meaning | module path |")
@@ -286,10 +359,11 @@ def render_architectures() -> str:
                  f"`parallel_residual = {a.parallel_residual!r}`", f"`qkv_split = {a.qkv_split!r}`"]
         lines.append("Layout flags: " + ", ".join(flags) + ".\n")
     lines.append("## Adding a family\n")
-    lines.append("Write `lensviz/adapters/<family>.py` defining `ADAPTER = Adapter(...)` with the paths above, and "
-                 "list it in `_FAMILIES` in `lensviz/adapters/__init__.py`. The tests in `tests/test_adapters.py` "
-                 "and `tests/test_capture.py` build a tiny random model of each family and check capture against "
-                 "autograd, so a new family is added to `tests/models.py` too.\n")
+    lines.append("Write `lensviz/adapters/<family>.py` defining `ADAPTER` (a llama-like family is "
+                 "`dataclasses.replace(llama.ADAPTER, ...)` with the paths and flags that differ; its module "
+                 "docstring is the family's documentation on this page), list it in `_FAMILIES` in "
+                 "`lensviz/adapters/__init__.py`, and add its tiny config with the quirks turned on to `CONFIGS` in "
+                 "`tests/test_conformance.py`.\n")
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -1,5 +1,5 @@
 """Attention maths shared by capture and traces: grouped-query repeat, the allowed-keys matrix of a mask,
-softmax probabilities, the per-layer edits patches ask for (score / probability edits, top-k key keeping,
+softmax probabilities (with Gemma 2's logit soft-capping and gpt-oss's sinks), the per-layer edits patches ask for (score / probability edits, top-k key keeping,
 added maps) on the explicit path, and the prefill `PromptMask` for calls made inside `lens.patched`.
 """
 from __future__ import annotations
@@ -30,17 +30,41 @@ def causal_allowed(mask: torch.Tensor | None, t_q: int, t_k: int, device=None) -
     return m if m.dtype == torch.bool else m == 0
 
 
-def masked_scores(query: torch.Tensor, key: torch.Tensor, scaling: float, allowed: torch.Tensor) -> torch.Tensor:
-    """scaling * q k^T with disallowed keys at -inf. query [..., H, q, d], key [..., H, T, d] (already
-    repeated to H heads), allowed [q, T] -> [..., H, q, T]."""
-    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+def softcapped(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Attention-logit soft-capping (Gemma 2): c * tanh(scores / c); scores unchanged for c = None."""
+    return scores if softcap is None else torch.tanh(scores / softcap) * softcap
+
+
+def softmax_rows(scores: torch.Tensor, sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax over the last dim of scores [..., H, q, T]; with learned sinks [H] (gpt-oss) each row gets
+    one more logit, the head's sink, which is dropped after the softmax (rows then sum to < 1)."""
+    if sinks is None:
+        return torch.softmax(scores, dim=-1)
+    sink = sinks.to(device=scores.device, dtype=scores.dtype).reshape(-1, 1, 1).expand(*scores.shape[:-1], 1)
+    return torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+
+
+def masked_scores(query: torch.Tensor, key: torch.Tensor, scaling: float, allowed: torch.Tensor,
+                  softcap: float | None = None) -> torch.Tensor:
+    """softcap(scaling * q k^T) with disallowed keys at -inf. query [..., H, q, d], key [..., H, T, d]
+    (already repeated to H heads), allowed [q, T] -> [..., H, q, T]."""
+    scores = softcapped(torch.matmul(query, key.transpose(-1, -2)) * scaling, softcap)
     return scores.masked_fill(~allowed, float("-inf"))
 
 
-def attention_probs(q: torch.Tensor, k: torch.Tensor, scaling: float, allowed: torch.Tensor) -> torch.Tensor:
-    """A = softmax(scaling * q k^T) over allowed keys. q [H, T, d], k [H_kv, T, d] -> [H, T, T]."""
+def attention_probs(q: torch.Tensor, k: torch.Tensor, scaling: float, allowed: torch.Tensor,
+                    softcap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """A = softmax(softcap(scaling * q k^T)) over allowed keys (with sinks: one sink logit per head in
+    every row). q [H, T, d], k [H_kv, T, d] -> [H, T, T]."""
     k = repeat_kv(k, q.shape[-3] // k.shape[-3])
-    return torch.softmax(masked_scores(q, k, scaling, allowed), dim=-1)
+    return softmax_rows(masked_scores(q, k, scaling, allowed, softcap), sinks)
+
+
+def softcap_slope(q: torch.Tensor, k: torch.Tensor, scaling: float, softcap: float) -> torch.Tensor:
+    """d softcap(z) / dz at z = scaling * q k^T: 1 - tanh^2(z / c). q [H, T, d], k [H_kv, T, d] -> [H, T, T]."""
+    k = repeat_kv(k, q.shape[-3] // k.shape[-3])
+    t = torch.tanh(torch.matmul(q, k.transpose(-1, -2)) * scaling / softcap)
+    return 1 - t * t
 
 
 @dataclass
@@ -79,10 +103,11 @@ def kept_keys(scores: torch.Tensor, fns) -> torch.Tensor:
     return keep
 
 
-def edited_scores(query, key, scaling, allowed, edit: AttentionEdit | None, rows: slice) -> torch.Tensor:
-    """Scaled, masked scores of the query rows `rows` with the edit's key selections and score edits
-    applied: query [B, H, q, d], key [B, H, T, d] (repeated), allowed [q, T] -> [B, H, q, T]."""
-    scores = masked_scores(query, key, scaling, allowed)
+def edited_scores(query, key, scaling, allowed, edit: AttentionEdit | None, rows: slice,
+                  softcap: float | None = None) -> torch.Tensor:
+    """Scaled (soft-capped), masked scores of the query rows `rows` with the edit's key selections and
+    score edits applied: query [B, H, q, d], key [B, H, T, d] (repeated), allowed [q, T] -> [B, H, q, T]."""
+    scores = masked_scores(query, key, scaling, allowed, softcap)
     if edit is not None and edit.keep:
         scores = scores.masked_fill(~kept_keys(scores.detach(), edit.keep), float("-inf"))
     for fn in (edit.scores if edit else ()):
@@ -106,9 +131,10 @@ def _row_chunk(query, t_k: int, chunk: int | None) -> int:
 
 
 def explicit_attention(query, key, value, mask, scaling, edit: AttentionEdit | None = None,
-                       chunk: int | None = None) -> torch.Tensor:
-    """Eager attention over query chunks with optional score / probability edits.
-    query [B, H, T, d], key/value [B, H_kv, S, d] -> [B, H, T, d]."""
+                       chunk: int | None = None, softcap: float | None = None,
+                       sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """Eager attention over query chunks with optional score / probability edits, attention-logit
+    soft-capping and sinks. query [B, H, T, d], key/value [B, H_kv, S, d] -> [B, H, T, d]."""
     n_rep = query.shape[1] // key.shape[1]
     k, v = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
     t_q, t_k = query.shape[2], key.shape[2]
@@ -117,8 +143,8 @@ def explicit_attention(query, key, value, mask, scaling, edit: AttentionEdit | N
     outs = []
     for start in range(0, t_q, chunk):
         rows = slice(start, min(t_q, start + chunk))
-        scores = edited_scores(query[:, :, rows], k, scaling, allowed[rows], edit, rows)
-        probs = edited_probs(torch.softmax(scores, dim=-1).to(value.dtype), edit, rows)
+        scores = edited_scores(query[:, :, rows], k, scaling, allowed[rows], edit, rows, softcap)
+        probs = edited_probs(softmax_rows(scores, sinks).to(value.dtype), edit, rows)
         outs.append(torch.matmul(probs, v))
     return torch.cat(outs, dim=2)
 

@@ -42,9 +42,17 @@ RECORDED = {
     "g_mid": "[T, D] dL/d mid (parallel blocks: equal to dL/d post)",
     "g_post": "[T, D] dL/d post (layer-causal: the gradient of layer l's own loss)",
     "g_o": "[T, H*d] dL/d o",
+    "softcap": "float or None, the attention-logit soft-cap c (Gemma 2)",
+    "sinks": "[H] or None, the learned attention sinks (gpt-oss)",
+    "attn_y": "[T, D] or None, the attention output before its post-norm / multiplier (non-plain writes only)",
+    "mlp_y": "[T, D] or None, the MLP output before its post-norm / multiplier (non-plain writes only)",
+    "g_mlp": "[T, D] or None, dL/d mlp_y (the Backward Lens FF2 VJP where it differs from dL/d post)",
+    "router_experts": "[T, k] long or None, the experts each token was routed to (MoE)",
+    "router_weights": "[T, k] or None, their router weights (MoE)",
 }
-FORWARD_SITES = ("pre", "mid", "q", "k", "v", "o", "a", "mask", "scaling")  # recorded by hooks in the forward
-GRADIENT_SITES = ("g_pre", "g_mid", "g_o")  # recorded by tensor hooks in the backward
+FORWARD_SITES = ("pre", "mid", "q", "k", "v", "o", "a", "mask", "scaling", "softcap", "sinks", "attn_y", "mlp_y",
+                 "router_experts", "router_weights")  # recorded by hooks in the forward
+GRADIENT_SITES = ("g_pre", "g_mid", "g_o", "g_mlp")  # recorded by tensor hooks in the backward
 
 
 def _register_attention() -> None:
@@ -89,16 +97,23 @@ def lensviz_attention(module, query, key, value, attention_mask, scaling=None, d
     edit = rec.attn_edits.get(layer) if rec is not None and layer is not None else None
     if rec is not None and rec.prompt_mask is not None:  # SegmentMask under lens.patched (prefill only)
         attention_mask = rec.prompt_mask.apply(attention_mask, query, key)
-    if edit is None or not edit.explicit:
+    softcap, sinks = kwargs.get("softcap"), kwargs.get("s_aux")  # Gemma 2 soft-capping, gpt-oss sinks
+    if softcap is None and sinks is None and (edit is None or not edit.explicit):
         out = _fused_attention(module, query, key, value, attention_mask, scaling, dropout, edit)
-    else:
-        out = explicit_attention(query, key, value, attention_mask, scaling, edit)
+    else:  # edits, or maths the fused kernel lacks: the explicit path
+        out = explicit_attention(query, key, value, attention_mask, scaling, edit, softcap=softcap, sinks=sinks)
     for fn in (edit.outputs if edit is not None else ()):
         out = fn(out)
     out = out.transpose(1, 2)
     if rec is not None and layer is not None:
-        rec.on_attention(layer, query, key, value, attention_mask, scaling, out)
+        rec.on_attention(layer, query, key, value, attention_mask, scaling, out, softcap, sinks)
     return out, None
+
+
+def _one(x: torch.Tensor) -> torch.Tensor:
+    """The one sequence of a batch-1 activation: [1, T, ...] -> [T, ...]; a 2-D [T, F] tensor (a family
+    that flattens batch and tokens inside its MLP, e.g. OPT) is returned as it is."""
+    return x if x.dim() == 2 else x[0]
 
 
 @dataclass(frozen=True, eq=False)
@@ -145,12 +160,12 @@ class Recorder:
 
     def _store(self, store: list, layer: int) -> Callable:
         def hook(grad):
-            store[layer] = grad[0].detach()
+            store[layer] = _one(grad).detach()
 
         return hook
 
     def _track(self, x: torch.Tensor, site: str, layer: int, grad_site: str | None):
-        self.sites[site][layer] = x[0].detach()
+        self.sites[site][layer] = _one(x).detach()
         if self.want_grads and grad_site is not None and x.requires_grad:
             x.register_hook(self._store(self.sites[grad_site], layer))
 
@@ -177,7 +192,21 @@ class Recorder:
         self.sites["mid"][layer] = self.sites["pre"][layer] + out[0].detach()
 
     def on_mlp_activation(self, layer, a):
-        self.sites["a"][layer] = a[0].detach()
+        self.sites["a"][layer] = _one(a).detach()
+
+    def on_sublayer_output(self, layer, kind: str, y):
+        """A sublayer's raw output before its post-norm / multiplier ("attn" or "mlp"), and for the MLP
+        its gradient (the Backward Lens FF2 VJP, which then differs from the residual's)."""
+        if kind == "attn":
+            self.sites["attn_y"][layer] = _one(y).detach()
+        else:
+            self._track(y, "mlp_y", layer, "g_mlp")
+
+    def on_router(self, layer, out):
+        """MoE router output (logits, top-k weights, top-k expert indices) for the T tokens."""
+        _, weights, experts = out
+        self.sites["router_experts"][layer] = experts.detach()
+        self.sites["router_weights"][layer] = weights.detach()
 
     def on_final(self, x):
         if self.done:  # the run's own forward is over (layer-causal losses reuse the final norm)
@@ -189,10 +218,12 @@ class Recorder:
 
             x.register_hook(hook)
 
-    def on_attention(self, layer, q, k, v, mask, scaling, out):
+    def on_attention(self, layer, q, k, v, mask, scaling, out, softcap=None, sinks=None):
         s = self.sites
         s["q"][layer], s["k"][layer], s["v"][layer] = q[0].detach(), k[0].detach(), v[0].detach()
         s["scaling"][layer] = float(scaling)
+        s["softcap"][layer] = None if softcap is None else float(softcap)
+        s["sinks"][layer] = None if sinks is None else sinks.detach()
         s["mask"][layer] = None if mask is None else mask[0, 0].detach()
         s["o"][layer] = out[0].detach().flatten(-2)  # [T, H*d]
         if self.want_grads and out.requires_grad:
@@ -234,6 +265,7 @@ def installed(model, adapter, rec: Recorder):
     """Install lensviz's attention implementation and hooks; remove all of them on exit."""
     _register_attention()
     blocks = adapter.blocks_of(model)
+    plain = adapter.has_plain_writes(model.config)
     handles = []
     configs = {}
     for m in model.modules():
@@ -266,12 +298,25 @@ def installed(model, adapter, rec: Recorder):
                 def pre_ln2(mod, args, kwargs, layer=layer):
                     rec.on_mid(layer, args_hidden(args, kwargs))
 
-                handles.append(block.get_submodule(adapter.ln2).register_forward_pre_hook(pre_ln2, with_kwargs=True))
+                mid_site = block.get_submodule(adapter.ln2 or adapter.mlp)  # no second norm: the MLP reads mid
+                handles.append(mid_site.register_forward_pre_hook(pre_ln2, with_kwargs=True))
 
-            def pre_mlp_out(mod, args, layer=layer):
-                rec.on_mlp_activation(layer, args[0])
+            if adapter.mlp_out is not None:
+                def pre_mlp_out(mod, args, layer=layer):
+                    rec.on_mlp_activation(layer, args[0])
 
-            handles.append(block.get_submodule(adapter.mlp_out).register_forward_pre_hook(pre_mlp_out))
+                handles.append(block.get_submodule(adapter.mlp_out).register_forward_pre_hook(pre_mlp_out))
+            if not plain:  # post-norms / multipliers: the raw sublayer outputs (and the MLP's gradient)
+                for kind, path in (("attn", adapter.o_proj), ("mlp", adapter.mlp or adapter.mlp_out)):
+                    def raw_out(mod, args, output, layer=layer, kind=kind):
+                        rec.on_sublayer_output(layer, kind, output[0] if isinstance(output, tuple) else output)
+
+                    handles.append(block.get_submodule(path).register_forward_hook(raw_out))
+            if adapter.router is not None:
+                def router_out(mod, args, output, layer=layer):
+                    rec.on_router(layer, output)
+
+                handles.append(block.get_submodule(adapter.router).register_forward_hook(router_out))
 
         def pre_final(mod, args, kwargs):
             rec.on_final(args_hidden(args, kwargs))
@@ -333,7 +378,10 @@ class PatchContext:
         stay causal); cached one-token decoding steps keep the causal mask over the whole cache, so
         generated tokens read the prompt as the mask encoded it. See `attention.PromptMask`."""
         if not self.own_calls:
-            self.model_kwargs["attention_mask"] = allowed[None, None].to(self.lens.unembed_device)
+            device = self.lens.unembed_device
+            self.model_kwargs["attention_mask"] = allowed[None, None].to(device)
+            # positions stay 0..T-1: families that derive them from the mask (OPT) cannot read a 4-D one
+            self.model_kwargs["position_ids"] = torch.arange(allowed.shape[-1], device=device)[None]
             return
         if self.rec.prompt_mask is not None:
             raise LensvizError("lens.patched takes one SegmentMask at a time")
@@ -451,8 +499,7 @@ def run(lens, input_ids: torch.Tensor, *, target: int | None = None, backward: b
         total = loss
         rec.done = True
         if rec.layer_causal and backward:
-            norm, unembed = lens.final_norm_module, lens.unembed_module
-            early = [nll(unembed(norm(h))[0], target_id) for h in rec.out_last[:-1]]
+            early = [nll(adapter.vocab_logits(model, h)[0], target_id) for h in rec.out_last[:-1]]
             layer_losses = [float(x.detach()) for x in early] + [float(loss.detach())]
             total = sum(early, loss)
         if backward:

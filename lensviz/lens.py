@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from . import capture
-from .adapters import adapter_for
+from .adapters import adapter_for, text_config
 from .checks import check_index, check_token_ids
 from .errors import LensvizError, UnsupportedModelError
 from .hf import frozen_eval, input_device, materialized, module_device
@@ -74,7 +74,7 @@ class Lens:
                 ) from None
         self.dims = self.adapter.dims(model.config)
         self._token_strings = None
-        limit = getattr(model.config, "max_position_embeddings", None)
+        limit = getattr(text_config(model.config), "max_position_embeddings", None)
         self.max_tokens = int(max_tokens or limit or 4096)
 
     # sizes -----------------------------------------------------------------------------------------
@@ -130,6 +130,8 @@ class Lens:
         layer = check_index(layer, self.n_layers, "layer")
         parts = [f for f in ("ln1", "attn", "ln2", "mlp", "o_proj", "mlp_in", "mlp_out", "mlp_gate", "q_proj",
                              "k_proj", "v_proj", "qkv") if getattr(self.adapter, f) is not None]
+        if part in ("mlp_in", "mlp_gate", "mlp_out"):
+            self.adapter.require_dense_mlp(f"the MLP matrix {part!r}")
         if part not in parts:
             raise LensvizError(f"part must be one of {tuple(parts)} for {self.arch}, got {part!r}")
         path = f"{self.adapter.blocks}.{layer}.{getattr(self.adapter, part)}"
@@ -149,12 +151,29 @@ class Lens:
             return None
         return self.weight(layer, part, name)
 
+    def norm_gain(self, layer: int | None, part: str = "ln1") -> torch.Tensor | None:
+        """The elementwise gain gamma [D] of a norm (block part "ln1" / "ln2", or the final norm with
+        layer=None), detached on CPU: its weight, plus 1 in Gemma's (1 + w) RMSNorm; None where the norm
+        has no affine weight or the family has no such norm."""
+        if layer is None:
+            w = getattr(self.final_norm_module, "weight", None)
+            w = None if w is None else w.detach().to("cpu")
+        else:
+            w = self.param(layer, part, "weight")
+        return None if w is None else w + self.adapter.norm_gain_offset
+
     def attention_weights(self, layer: int) -> dict:
         """Per-head attention parameters of a layer, [in, out] oriented, on CPU:
         q [H, D, d], k/v [H_kv, D, d], bq [H, d], bk/bv [H_kv, d] (or None), o [H, d, D], bo [D] or None.
-        Head h's pre-RoPE query is x @ q[h] + bq[h]; its write to the residual is O_h @ o[h]."""
+        Head h's pre-RoPE query, as the attention function receives it (OPT's pre-scaling folded in), is
+        x @ q[h] + bq[h] (before the q norm in families with one, see `Adapter.qk_normed`); its raw output
+        is O_h @ o[h] (`Trace.write_scale` maps it to the residual)."""
         layer = check_index(layer, self.n_layers, "layer")
         out = self.adapter.qkv_by_head(lambda part, name: self.param(layer, part, name), self.dims)
+        if self.adapter.query_scale is not None:  # the query the attention sees is pre-scaled (OPT)
+            c = float(self.adapter.query_scale(self.model.config))
+            out["q"] = out["q"] * c
+            out["bq"] = None if out["bq"] is None else out["bq"] * c
         out["o"] = self.adapter.o_by_head(self.weight(layer, "o_proj"), self.n_heads, self.d_head)
         out["bo"] = self.param(layer, "o_proj", "bias")
         return out
@@ -279,7 +298,8 @@ class Lens:
             if out.shape[0] != 1:
                 raise LensvizError("Lens.generate returns one sequence; the generation config asks for a batch of "
                                    f"{out.shape[0]} (num_beams / num_return_sequences)")
-            steps.append(out[0, -1].detach().to("cpu", copy=True))
+            last = out[0, -1].detach()  # the model's logits: the family's logit transform applied
+            steps.append(self.adapter.finish_logits(self.model.config, last).to("cpu", copy=True))
 
         input_ids = ids[None].to(input_device(self.model, self.adapter))
         handle = self.unembed_module.register_forward_hook(keep)

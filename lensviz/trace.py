@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .attention import attention_probs, causal_allowed, edited_probs, edited_scores, repeat_kv
+from .attention import (attention_probs, causal_allowed, edited_probs, edited_scores, repeat_kv, softcap_slope,
+                        softmax_rows)
 from .capture import Recording
 from .checks import SITES, check_index, check_layer_list, check_site  # noqa: F401  (SITES, check_layer_list: re-exported)
 from .errors import LensvizError
@@ -96,16 +97,20 @@ class Trace:
         return self.recording.attn_edits.get(layer)
 
     def _softmax(self, layer: int) -> torch.Tensor:
-        """softmax of the (possibly patched, e.g. top-k) scores: the A that Reversed Attention differentiates."""
+        """softmax of the (possibly patched, e.g. top-k; soft-capped; with sinks) scores: the A that
+        Reversed Attention differentiates."""
         q, k, _ = self.qkv(layer)
         edit, scaling, allowed = self._edit(layer), self._site("scaling", layer), self.attention_mask(layer)
+        softcap, sinks = self._site("softcap", layer), self._site("sinks", layer)
         if edit is None or not edit.edits_scores():
-            return attention_probs(q, k, scaling, allowed)
+            return attention_probs(q, k, scaling, allowed, softcap, sinks)
         k = repeat_kv(k, q.shape[-3] // k.shape[-3])  # the same key selections and score edits as the run
-        return torch.softmax(edited_scores(q[None], k[None], scaling, allowed, edit, slice(0, len(self))), dim=-1)[0]
+        scores = edited_scores(q[None], k[None], scaling, allowed, edit, slice(0, len(self)), softcap)
+        return softmax_rows(scores, sinks)[0]
 
     def attention(self, layer: int) -> torch.Tensor:
-        """Attention probabilities A [H, T, T] the model used (rows sum to 1; zero above the diagonal).
+        """Attention probabilities A [H, T, T] the model used (rows sum to 1, or less with attention sinks;
+        zero above the diagonal and outside sliding windows).
         Under an AttentionPatch this is A' = A + eta * P; under TopKAttention the sparsified softmax."""
         layer = self._layer(layer)
         return edited_probs(self._softmax(layer)[None], self._edit(layer), slice(0, len(self)))[0]
@@ -119,13 +124,20 @@ class Trace:
     def reversed_attention(self, layer: int) -> torch.Tensor:
         """Reversed Attention RA [H, T, T] = dL/d(Q_h K_h^T), the gradient w.r.t. the unscaled scores:
         RA_h = s * A_h * (G_h - rowsum(A_h * G_h)) with G_h = delta_h V_h^T (GQA: V of kv head h // n_rep).
-        Rows sum to 0; zero above the diagonal."""
+        With attention-logit soft-capping c (Gemma 2) the chain runs through the tanh: each entry is
+        multiplied by 1 - tanh^2(s q.k / c). Rows sum to 0 (not with soft-capping, nor with sinks, which
+        take their share of the softmax); zero above the diagonal."""
         layer = self._layer(layer)
         delta = self.head_output_grad(layer)
         a = self._softmax(layer)
         v = repeat_kv(self._site("v", layer), self.dims.n_heads // self.dims.n_kv_heads)
         g = torch.matmul(delta, v.transpose(-1, -2))
-        return self._site("scaling", layer) * a * (g - (a * g).sum(-1, keepdim=True))
+        scaling, softcap = self._site("scaling", layer), self._site("softcap", layer)
+        ra = scaling * a * (g - (a * g).sum(-1, keepdim=True))
+        if softcap is not None:
+            q, k, _ = self.qkv(layer)
+            ra = ra * softcap_slope(q, k, scaling, softcap)
+        return ra
 
     def head_values(self, layer: int) -> torch.Tensor:
         """O_h [H, T, d]: each head's output before W_O, as the model fed it to the output projection
@@ -134,16 +146,40 @@ class Trace:
         return self._site("o", layer).reshape(len(self), self.dims.n_heads, -1).transpose(0, 1)
 
     def head_outputs(self, layer: int) -> torch.Tensor:
-        """Each head's write to the residual, O_h W_O,h: [H, T, D]. Their sum plus the o_proj bias is the
-        attention output."""
+        """Each head's write to the residual, O_h W_O,h times `write_scale(layer, "attn")`: [H, T, D].
+        Their sum plus the (scaled) o_proj bias is the attention's write to the residual."""
         o = self.head_values(layer)  # [H, T, d]
         w = self.lens.weight(self._layer(layer), "o_proj")
         w_o = self.adapter.o_by_head(w, self.dims.n_heads, self.dims.d_head).to(o.dtype)
-        return torch.matmul(o, w_o)
+        return torch.matmul(o, w_o) * self.write_scale(layer, "attn")
+
+    def write_scale(self, layer: int, sublayer: str) -> torch.Tensor:
+        """The map from a part u of a sublayer's raw output (a head's O_h W_O,h, a neuron's a_n value_n, a
+        bias) to its write to the residual, as a factor [T, D] (or a 0-d tensor) multiplying u.
+
+        1 where the family adds outputs as they are; Granite's residual_multiplier m; with a post-norm
+        (Gemma 2/3, OLMo 2) the norm with its scale frozen at this run's value, g * c(y) with
+        c(y) = 1 / rms(y) of the summed output y, so that the parts' writes sum to the real write N(y)
+        (to the norm's precision: HF computes these norms in float32). sublayer: "attn" or "mlp"."""
+        layer = self._layer(layer)
+        if sublayer not in ("attn", "mlp"):
+            raise LensvizError(f"sublayer must be 'attn' or 'mlp', got {sublayer!r}")
+        ad, config = self.adapter, self.lens.model.config
+        norm_path = ad.post_attn_norm if sublayer == "attn" else ad.post_mlp_norm
+        scale = torch.tensor(ad.multiplier(config), dtype=self._site("pre", layer).dtype)
+        if norm_path is None:
+            return scale
+        y = self._site("attn_y" if sublayer == "attn" else "mlp_y", layer)
+        norm = ad.blocks_of(self.lens.model)[layer].get_submodule(norm_path)
+        with torch.no_grad():
+            return ad.frozen_norm_gain(norm, y.to(torch.float64)).to(y.dtype) * scale
 
     # block inputs after the norms (recomputed on demand from the residual and the norm modules) -----
     def _normed(self, layer: int, norm_part: str, site: str) -> torch.Tensor:
-        module = self.adapter.blocks_of(self.lens.model)[layer].get_submodule(getattr(self.adapter, norm_part))
+        path = getattr(self.adapter, norm_part)
+        if path is None:  # no norm before this sublayer (OLMo 2): it reads the residual itself
+            return self._site(site, layer)
+        module = self.adapter.blocks_of(self.lens.model)[layer].get_submodule(path)
         x = self._site(site, layer).to(module_device(module))
         with torch.no_grad():
             return module(x).to("cpu")
@@ -161,12 +197,27 @@ class Trace:
     # MLP ---------------------------------------------------------------------------------------------
     def mlp_activations(self, layer: int) -> torch.Tensor:
         """a [T, F]: the input of the MLP's output matrix (after the nonlinearity / gating)."""
+        if self.adapter.moe:
+            raise LensvizError(f"{self.adapter.family} has a mixture-of-experts MLP: its neurons are per expert and "
+                               "no single activation matrix is recorded (see trace.router(layer))")
         return self._site("a", self._layer(layer))
 
     def mlp_output_grad(self, layer: int) -> torch.Tensor:
         """delta [T, D] at the MLP output (the Backward Lens FF2 VJP). It equals the block output's
-        gradient, since the MLP output is added straight onto the residual."""
-        return self._grad("g_post", self._layer(layer))
+        gradient where the MLP output is added straight onto the residual; with a post-norm or a residual
+        multiplier it is recorded at the MLP output itself."""
+        layer = self._layer(layer)
+        if self.has_backward and self._site("g_mlp", layer) is not None:
+            return self._grad("g_mlp", layer)
+        return self._grad("g_post", layer)
+
+    def router(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mixture-of-experts routing of a layer: (experts [T, k] long, weights [T, k]), the top-k experts
+        each token was sent to and the router weights their outputs were multiplied by."""
+        layer = self._layer(layer)
+        if not self.adapter.moe:
+            raise LensvizError(f"{self.adapter.family} has a dense MLP: there is no router")
+        return self._site("router_experts", layer), self._site("router_weights", layer)
 
     # vocabulary --------------------------------------------------------------------------------------
     def logit_lens(self, k: int = 10, site: str = "post") -> TopK:

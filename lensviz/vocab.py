@@ -3,7 +3,9 @@ reducers every lens reads them through (top-k / bottom-k, target rank, target pr
 NLL). Chunks are written into one reused [rows, V] buffer, so the full [n, V] tensor never exists.
 
 The logit lens reads a vector v as proj(v) = softmax(W_U N_f(v)) (N_f = the final norm with its affine
-parameters, W_U the unembedding; nostalgebraist 2020, "interpreting GPT: the logit lens").
+parameters, W_U the unembedding; nostalgebraist 2020, "interpreting GPT: the logit lens"), followed by
+the family's logit transform (Gemma 2's soft-capping, Cohere's and Granite's scaling), so that the last
+layer's projection is the model's own output distribution.
 """
 from __future__ import annotations
 
@@ -72,7 +74,8 @@ def nll(logits: torch.Tensor, targets) -> torch.Tensor:
 @dataclass(frozen=True, eq=False)
 class Readout:
     """How rows v [n, D] become logits [n, V]: h = pre(v), then h W^T + b into a reused buffer when
-    `weight` [V, D] is a plain tensor, else module(h). Rows are moved to `device` / `dtype` first."""
+    `weight` [V, D] is a plain tensor, else module(h); then post(logits) where given (the family's logit
+    transform). Rows are moved to `device` / `dtype` first."""
 
     weight: torch.Tensor | None
     bias: torch.Tensor | None
@@ -81,13 +84,15 @@ class Readout:
     device: torch.device
     dtype: torch.dtype
     n_vocab: int
+    post: Callable | None = None
 
 
 def unembedding(lens, *, norm: bool = True, bias: bool = True, normalize: bool = False,
                 gain: torch.Tensor | None = None) -> Readout:
     """The model's readout. norm=True: the final norm first (the logit lens, softmax(W_U N_f(v)));
     norm=False: raw W_U v, with `gain` [D] multiplied in (e.g. the final norm's gamma) and, with
-    bias=False, no unembedding bias. normalize=True projects v / |v|."""
+    bias=False, no unembedding bias. normalize=True projects v / |v|. With the final norm the family's
+    logit transform (soft-capping, logit scaling) follows, as in the model; raw readouts have none."""
     final, unembed = lens.final_norm_module, lens.unembed_module
     weight, b = plain_linear(unembed)
     module = None
@@ -104,8 +109,12 @@ def unembedding(lens, *, norm: bool = True, bias: bool = True, normalize: bool =
     if gain is not None:
         steps.append(lambda v: v * gain.detach().to(v))
     pre = None if not steps else (steps[0] if len(steps) == 1 else _chain(steps))
+    adapter, config = lens.adapter, lens.model.config
+    post = None
+    if norm and adapter.has_logit_transform(config):
+        post = lambda logits: adapter.finish_logits(config, logits)  # noqa: E731
     return Readout(weight=weight, bias=b if bias else None, module=module, pre=pre, device=lens.unembed_device,
-                   dtype=lens.model_dtype, n_vocab=lens.vocab_size if weight is None else weight.shape[0])
+                   dtype=lens.model_dtype, n_vocab=lens.vocab_size if weight is None else weight.shape[0], post=post)
 
 
 def matrix_readout(matrix: torch.Tensor) -> Readout:
@@ -147,7 +156,7 @@ def logit_chunks(readout: Readout, rows: torch.Tensor, chunk_bytes: int = CHUNK_
                 torch.mm(h, weight.T, out=logits)
             else:
                 torch.addmm(bias, h, weight.T, out=logits)
-        yield start, logits
+        yield start, logits if readout.post is None else readout.post(logits)
 
 
 def row_blocks(logits: torch.Tensor):

@@ -82,3 +82,21 @@ def test_per_head_qkv_weights_reproduce_the_captured_projections(family, tiny_to
         o = tr.recording.at("o", layer).reshape(len(tr), lens.n_heads, lens.d_head).transpose(0, 1)
         rebuilt = torch.einsum("htd,hdD->tD", o, w["o"]) + (0 if w["bo"] is None else w["bo"])
         assert torch.allclose(rebuilt, attn_out, atol=1e-12)
+
+
+@pytest.mark.parametrize("model_type", ["falcon", "gpt_neo", "bloom"])
+def test_families_bypassing_the_attention_interface_are_refused_with_the_reason(model_type):
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(model_type)
+    with pytest.raises(lv.UnsupportedModelError, match="attention interface") as info:
+        adapter_for(config)
+    assert model_type in str(info.value) and "llama" in str(info.value)
+
+
+def test_post_layernorm_opt_is_refused_with_the_reason():
+    from transformers import OPTConfig
+
+    with pytest.raises(lv.UnsupportedModelError, match="do_layer_norm_before=False.*pre-LayerNorm"):
+        adapter_for(OPTConfig(do_layer_norm_before=False))
+    assert adapter_for(OPTConfig()).family == "opt"

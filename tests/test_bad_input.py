@@ -251,12 +251,12 @@ def _unsupported_models():
                                                  num_attention_heads=2, intermediate_size=32)),
         "t5": tf.T5ForConditionalGeneration(tf.T5Config(vocab_size=100, d_model=16, d_kv=8, d_ff=32, num_layers=1,
                                                         num_heads=2)),
-        "opt": tf.OPTForCausalLM(tf.OPTConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, ffn_dim=32,
-                                              num_attention_heads=2, word_embed_proj_dim=16)),
+        "mamba": tf.MambaForCausalLM(tf.MambaConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1,
+                                                    state_size=4)),
     }
 
 
-@pytest.mark.parametrize("kind", ["bert", "t5", "opt"])
+@pytest.mark.parametrize("kind", ["bert", "t5", "mamba"])
 def test_unsupported_model(tiny_tokenizer, kind):
     model = _unsupported_models()[kind]
     err = expect_error(lambda: lv.Lens(model, tiny_tokenizer), f"model_type '{kind}'",

@@ -121,13 +121,12 @@ def _unsupported_config(kind):
     if kind == "bert":
         return tf.BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                              intermediate_size=32)
-    if kind == "opt":
-        return tf.OPTConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
-                            word_embed_proj_dim=16)
+    if kind == "mamba":
+        return tf.MambaConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, state_size=4)
     return tf.T5Config(vocab_size=100, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
 
 
-@pytest.mark.parametrize("kind", ["bert", "opt", "t5"])
+@pytest.mark.parametrize("kind", ["bert", "mamba", "t5"])
 def test_unsupported_folder_refused_before_weights(tmp_path, kind, no_weight_loading):
     _unsupported_config(kind).save_pretrained(tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"not read")  # would fail loudly if anything read it

@@ -11,6 +11,9 @@ from typing import Callable
 
 import torch
 
+from ..errors import LensvizError
+
+QK_NORM_NAMES = ("q_norm", "k_norm", "q_layernorm", "k_layernorm")  # attention children that normalise q / k
 Layout = str  # "linear": y = x W^T + b, W [out, in];  "conv1d": y = x W + b, W [in, out]
 
 
@@ -43,6 +46,12 @@ class ProjSlice:
     index: torch.Tensor | None = None
 
 
+def text_config(config):
+    """The language model's config: the text sub-config of a multimodal checkpoint (Gemma 3), else itself."""
+    get = getattr(config, "get_text_config", None)
+    return get() if callable(get) else config
+
+
 def _default_d_mlp(config) -> int:
     return int(config.intermediate_size)
 
@@ -63,29 +72,45 @@ class Adapter:
     final_norm: str
     unembed: str
     # block level
-    ln1: str
+    ln1: str | None  # None: the sublayer reads the residual itself (OLMo 2)
     attn: str
-    ln2: str
-    mlp: str
+    ln2: str | None
+    mlp: str | None  # None: no MLP module, see mlp_seq (OPT)
     o_proj: str
-    mlp_in: str
-    mlp_out: str
+    mlp_in: str | None  # None on MoE families (per-expert matrices)
+    mlp_out: str | None
     mlp_gate: str | None = None
     q_proj: str | None = None
     k_proj: str | None = None
     v_proj: str | None = None
     qkv: str | None = None
-    qkv_split: str | None = None  # "concat" (GPT-2: [q | k | v]) or "per_head" (NeoX: per head [q k v])
+    qkv_split: str | None = None  # "concat" (GPT-2, Phi-3: [q | k | v]) or "per_head" (NeoX: per head [q k v])
+    # maths of the block (each one declared here is checked by tests/test_conformance.py)
+    query_scale: Callable | None = None  # config -> c: the attention sees q = c * q_proj(x), scaling 1 (OPT)
+    mlp_seq: tuple[str, ...] | None = None  # no MLP module (OPT): block-level modules applied in order
+    gate_up: bool = False  # mlp_in is one fused [gate | up] matrix (Phi-3 gate_up_proj): gate rows first
+    post_attn_norm: str | None = None  # a norm applied to the attention output before the residual add
+    post_mlp_norm: str | None = None  # a norm applied to the MLP output before the residual add
+    residual_multiplier: str | None = None  # config attribute m: residual += m * sublayer output (Granite)
+    moe: bool = False  # mixture-of-experts MLP: `mlp` holds a router and experts (no single mlp_out matrix)
+    router: str | None = None  # block-level router module (MoE)
+    # vocabulary head: logits = transform(unembed(final_norm(h)))
+    logit_softcap: str | None = None  # config attribute c: logits = c * tanh(logits / c) (Gemma 2/3)
+    logit_scale: str | None = None  # config attribute: logits *= it (Cohere)
+    logit_divisor: str | None = None  # config attribute: logits /= it (Granite)
     # layout flags
     weight_layout: Layout = "linear"
     norm: str = "rmsnorm"  # "rmsnorm" | "layernorm"
+    norm_gain_offset: float = 0.0  # RMSNorm gain is (offset + weight): Gemma's (1 + w)
     rotary: bool = True
     parallel_residual: bool | str = False  # bool, or the name of a boolean config attribute
     d_mlp: Callable = _default_d_mlp
+    check: Callable | None = None  # check(config) raises UnsupportedModelError for unsupported variants
     notes: str = ""
 
     # ----------------------------------------------------------------------------------------------
     def dims(self, config) -> Dims:
+        config = text_config(config)
         n_heads = int(config.num_attention_heads)
         d_model = int(config.hidden_size)
         head_dim = getattr(config, "head_dim", None) or d_model // n_heads
@@ -100,9 +125,79 @@ class Adapter:
             vocab_size=int(config.vocab_size),
         )
 
+    def multiplier(self, config) -> float:
+        """The factor m of `residual += m * sublayer(x)` (1 unless the family declares one)."""
+        return 1.0 if self.residual_multiplier is None else float(getattr(text_config(config), self.residual_multiplier))
+
+    def has_plain_writes(self, config) -> bool:
+        """True when each sublayer's output is added to the residual as it is (no post-norm, no multiplier)."""
+        return self.post_attn_norm is None and self.post_mlp_norm is None and self.multiplier(config) == 1.0
+
+    def finish_logits(self, config, logits: torch.Tensor) -> torch.Tensor:
+        """Apply the family's logit transform (scaling, soft-capping) to unembedding outputs."""
+        config = text_config(config)
+        if self.logit_scale is not None:
+            logits = logits * float(getattr(config, self.logit_scale))
+        if self.logit_divisor is not None:
+            logits = logits / float(getattr(config, self.logit_divisor))
+        cap = None if self.logit_softcap is None else getattr(config, self.logit_softcap, None)
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def has_logit_transform(self, config) -> bool:
+        config = text_config(config)
+        return (self.logit_scale is not None or self.logit_divisor is not None
+                or (self.logit_softcap is not None and getattr(config, self.logit_softcap, None) is not None))
+
+    def vocab_logits(self, model, h: torch.Tensor, *, normed: bool = False) -> torch.Tensor:
+        """logits of residual vectors h [..., D]: final norm (unless `normed`), unembedding and the logit
+        transform, exactly as the model computes its output."""
+        if not normed:
+            h = model.get_submodule(self.final_norm)(h)
+        return self.finish_logits(model.config, model.get_submodule(self.unembed)(h))
+
+    def mlp_module(self, block) -> Callable:
+        """The callable MLP of one block: x [.., D] -> MLP output [.., D] (before any post-norm)."""
+        if self.mlp_seq is None:
+            return block.get_submodule(self.mlp)
+        mods = [block.get_submodule(p) for p in self.mlp_seq]
+
+        def mlp(x):
+            for m in mods:
+                x = m(x)
+            return x
+
+        return mlp
+
+    def frozen_norm_gain(self, norm_module, y: torch.Tensor) -> torch.Tensor:
+        """The post-norm of a sublayer as a per-position diagonal map with its scale frozen at this run:
+        N(y) = g * y * c(y) with c(y) = 1 / sqrt(mean(y^2) + eps) (RMSNorm), so every part u_i of the
+        sublayer output y = sum_i u_i writes g * c(y) * u_i, and the parts sum to N(y) exactly (to the
+        norm's own precision). y [T, D] -> g * c(y) [T, D]."""
+        if self.norm != "rmsnorm":
+            raise NotImplementedError(f"{self.family}: frozen post-norms are defined for RMSNorm")
+        eps = getattr(norm_module, "eps", None)
+        eps = getattr(norm_module, "variance_epsilon", 1e-6) if eps is None else eps
+        weight = norm_module.weight.detach().to(device=y.device, dtype=y.dtype)
+        scale = torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)
+        return (self.norm_gain_offset + weight) * scale
+
+    def qk_normed(self, model) -> bool:
+        """Whether the attention normalises q and k after projecting them (Qwen 3, OLMo 2, Gemma 3, Phi /
+        StableLM `qk_layernorm`, Cohere `use_qk_norm`): read off the module tree."""
+        attn = self.blocks_of(model)[0].get_submodule(self.attn)
+        return any(getattr(attn, name, None) is not None for name in QK_NORM_NAMES)
+
+    def require_dense_mlp(self, what: str) -> None:
+        """LensvizError for `what` (a lens or patch needing single MLP matrices) on MoE families."""
+        if self.moe:
+            raise LensvizError(f"{what} is not available on {self.family}: it has a mixture-of-experts MLP, whose "
+                               "neurons live in per-expert matrices (not addressable yet; see Trace.router)")
+
     def is_parallel(self, config) -> bool:
         if isinstance(self.parallel_residual, str):
-            return bool(getattr(config, self.parallel_residual, False))
+            return bool(getattr(text_config(config), self.parallel_residual, False))
         return bool(self.parallel_residual)
 
     # module access --------------------------------------------------------------------------------
@@ -135,14 +230,18 @@ class Adapter:
                 out[key] = w.reshape(big_d, heads[key], d).permute(1, 0, 2)
                 out["b" + key] = None if b is None else b.reshape(heads[key], d)
             return out
-        w = self.as_in_out(param("qkv", "weight"))  # [D, 3 * H * d]
+        w = self.as_in_out(param("qkv", "weight"))  # [D, (H + 2 H_kv) * d]
         b = param("qkv", "bias")
-        if self.qkv_split == "concat":  # [q | k | v], head h at h*d inside each third
-            ws = w.reshape(big_d, 3, dims.n_heads, d).permute(1, 2, 0, 3)
-            bs = None if b is None else b.reshape(3, dims.n_heads, d)
-        else:  # "per_head": for each head [q k v]
-            ws = w.reshape(big_d, dims.n_heads, 3, d).permute(2, 1, 0, 3)
-            bs = None if b is None else b.reshape(dims.n_heads, 3, d).transpose(0, 1)
+        if self.qkv_split == "concat":  # [q | k | v], head h at h*d inside each part
+            sizes = [heads[key] * d for key in "qkv"]
+            for key, wpart, bpart in zip("qkv", w.split(sizes, dim=1),
+                                         (None,) * 3 if b is None else b.split(sizes)):
+                out[key] = wpart.reshape(big_d, heads[key], d).permute(1, 0, 2)
+                out["b" + key] = None if bpart is None else bpart.reshape(heads[key], d)
+            return out
+        # "per_head": for each head [q k v]
+        ws = w.reshape(big_d, dims.n_heads, 3, d).permute(2, 1, 0, 3)
+        bs = None if b is None else b.reshape(dims.n_heads, 3, d).transpose(0, 1)
         for i, key in enumerate("qkv"):
             out[key] = ws[i]
             out["b" + key] = None if bs is None else bs[i]
@@ -164,8 +263,10 @@ class Adapter:
                 out += [ProjSlice(role, path, "weight", out_dim), ProjSlice(role, path, "bias", 0)]
                 continue
             i, d, n_heads = "qkv".index(role), dims.d_head, dims.n_heads
-            if self.qkv_split == "concat":  # feature i*H*d + h*d + j
-                index = torch.arange(i * n_heads * d, (i + 1) * n_heads * d)
+            if self.qkv_split == "concat":  # [q (H*d) | k (H_kv*d) | v (H_kv*d)]
+                sizes = [n_heads * d, dims.n_kv_heads * d, dims.n_kv_heads * d]
+                start = sum(sizes[:i])
+                index = torch.arange(start, start + sizes[i])
             elif self.qkv_split == "per_head":  # feature h*3d + i*d + j
                 index = (torch.arange(n_heads)[:, None] * 3 * d + i * d + torch.arange(d)[None]).reshape(-1)
             else:

@@ -118,6 +118,7 @@ def backward_lens(trace, k: int = 5, *, layers=None, normalize: bool | None = No
 
 # (b) weight gradients from the low-rank factors ----------------------------------------------------
 def _check_part(trace, part: str, allowed=FF_PARTS) -> str:
+    trace.adapter.require_dense_mlp("the Backward Lens")
     present = tuple(p for p in allowed if getattr(trace.adapter, p) is not None)
     if part not in present:
         raise LensvizError(f"part must be one of {present} for {trace.lens.arch}, got {part!r}")
@@ -137,10 +138,10 @@ def ff1_output_grads(trace, layer: int) -> dict[str, torch.Tensor]:
     layer = check_index(layer, trace.n_layers, "layer")
     lens, adapter = trace.lens, trace.adapter
     block = adapter.blocks_of(lens.model)[layer]
-    mlp = block.get_submodule(adapter.mlp)
+    mlp = adapter.mlp_module(block)
     parts = [p for p in FF1_PARTS if getattr(adapter, p) is not None]
     modules = [block.get_submodule(getattr(adapter, p)) for p in parts]
-    device = module_device(mlp)
+    device = module_device(modules[0])
     x = trace.mlp_input(layer).to(device)[None]  # [1, T, D]
     delta = trace.mlp_output_grad(layer).to(device)[None]
 

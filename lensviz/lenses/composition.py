@@ -96,7 +96,7 @@ def head_weights(lens, layer: int, *, fold_norm: bool = False, center: bool = Fa
     q, o = w["q"], w["o"]
     k, v = w["k"].repeat_interleave(rep, 0), w["v"].repeat_interleave(rep, 0)
     if fold_norm:
-        gamma = lens.param(layer, "ln1", "weight")
+        gamma = lens.norm_gain(layer, "ln1")
         if gamma is not None:
             gamma = gamma.to(q.dtype)[:, None]
             q, k, v = gamma * q, gamma * k, gamma * v

@@ -40,7 +40,7 @@ class Space:
 def unembedding(lens, *, fold_final_norm: bool = False) -> torch.Tensor:
     """E = W_U^T [D, V] (times diag(gamma_f) row-wise when fold_final_norm), detached on CPU."""
     e = lens.unembed_module.weight.detach().to("cpu").T
-    gamma = getattr(lens.final_norm_module, "weight", None)
+    gamma = lens.norm_gain(None)
     if fold_final_norm and gamma is not None:
         e = gamma.detach().to("cpu", e.dtype)[:, None] * e
     return e
@@ -106,7 +106,7 @@ def head_weights(lens, layer: int, head: int, *, fold_norm: bool = False) -> dic
     for key, idx in (("bq", head), ("bk", g), ("bv", g)):
         out[key] = None if w[key] is None else w[key][idx]
     if fold_norm:
-        gamma = lens.param(layer, "ln1", "weight")
+        gamma = lens.norm_gain(layer, "ln1")
         if gamma is not None:
             for key in "qkv":
                 out[key] = gamma.to(out[key].dtype)[:, None] * out[key]
@@ -366,13 +366,18 @@ def ffn_keys(lens, layer: int, part: str = "mlp_in", *, fold_norm: bool = False)
     Llama `up_proj.weight[i]`); part="mlp_gate" gives the SwiGLU gate keys. fold_norm multiplies by the
     MLP-input norm gain (diag(gamma) k_i)."""
     layer = _layer(lens, layer)
+    lens.adapter.require_dense_mlp("ffn_keys")
     if part not in ("mlp_in", "mlp_gate"):
         raise LensvizError(f"part must be 'mlp_in' or 'mlp_gate', got {part!r}")
-    if getattr(lens.adapter, part) is None:
+    if lens.adapter.gate_up:  # one fused [gate | up] matrix (Phi-3): gate rows first
+        gate, keys = lens.adapter.as_in_out(lens.weight(layer, "mlp_in")).T.chunk(2, dim=0)
+        keys = gate if part == "mlp_gate" else keys
+    elif getattr(lens.adapter, part) is None:
         raise LensvizError(f"{lens.arch} has no gated MLP: part 'mlp_gate' does not exist (use 'mlp_in')")
-    keys = lens.adapter.as_in_out(lens.weight(layer, part)).T
+    else:
+        keys = lens.adapter.as_in_out(lens.weight(layer, part)).T
     if fold_norm:
-        gamma = lens.param(layer, "ln2", "weight")
+        gamma = lens.norm_gain(layer, "ln2")
         if gamma is not None:
             keys = keys * gamma.to(keys.dtype)[None]
     return keys

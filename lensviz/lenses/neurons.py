@@ -116,7 +116,7 @@ class ValueTokens:
 def _topk_logits(lens, vectors: torch.Tensor, k: int, *, fold_norm: bool = False, bottom: bool = False):
     """Top (bottom) k raw logits W_U v (fold_norm: W_U (gamma_f * v); no norm, no bias) of rows [N, D]:
     (ids [N, k] long, logits [N, k] float32)."""
-    gamma = getattr(lens.final_norm_module, "weight", None) if fold_norm else None
+    gamma = lens.norm_gain(None) if fold_norm else None
     readout = vocab.unembedding(lens, norm=False, bias=False, gain=gamma)
     return vocab.top_logits(readout, vectors, k, bottom=bottom)
 
@@ -230,7 +230,7 @@ def index_key(lens, k: int, *, fold_norm: bool, bottom: bool, layers) -> str:
         w = lens.weight(layer, "mlp_out")
         h.update(repr((layer, tuple(w.shape))).encode())
         h.update(_sample(w))
-    gamma = getattr(lens.final_norm_module, "weight", None)
+    gamma = lens.norm_gain(None)
     if fold_norm and gamma is not None:
         h.update(_sample(gamma))
     return h.hexdigest()

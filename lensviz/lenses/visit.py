@@ -14,6 +14,7 @@ from ..checks import check_index, check_index_list, check_int, check_layer_list
 from ..errors import LensvizError
 
 ROPE_NOTE = "approx (RoPE ignored)"
+QK_NORM_NOTE = "approx (q/k norms ignored)"
 
 # Link widths of the VISIT graph (the defaults of VISIT's graph configuration). Override per call with
 # visit_graph(..., scales={...}).
@@ -54,6 +55,12 @@ def _recorded_o(trace, layer: int) -> torch.Tensor:
     return trace.head_values(layer).transpose(0, 1)
 
 
+def _write_scale(trace, layer: int, sublayer: str, t: int) -> torch.Tensor:
+    """`Trace.write_scale` at position t: [D] or a 0-d tensor."""
+    scale = trace.write_scale(layer, sublayer)
+    return scale[t] if scale.dim() == 2 else scale
+
+
 def _is_parallel(trace) -> bool:
     return trace.adapter.is_parallel(trace.lens.model.config)
 
@@ -69,7 +76,9 @@ class AttentionParts:
     (= sum_j A_h[t, j] v_{g(h), j}, GQA kv head g(h) = h // n_rep, unless a patch edited the outputs,
     e.g. HeadAblation zeroes them). head_out [H, D]: O_h,t W_O,h. memory_values [H, T, D]:
     v_{g(h), j} W_O,h, the memory entry j as head h writes it. bias [D] or None: b_O.
-    output [D]: sum_h head_out + b_O, the attention sublayer's output.
+    output [D]: sum_h head_out + b_O, the attention sublayer's write to the residual (head_out,
+    memory_values and bias carry the family's write scale at t: a frozen post-norm or a residual
+    multiplier, see `Trace.write_scale`).
     """
 
     layer: int
@@ -93,9 +102,10 @@ def attention_parts(trace, layer: int, position: int = -1) -> AttentionParts:
     w = lens.attention_weights(layer)
     w_o = w["o"].to(v.dtype)  # [H, d, D]
     o = _recorded_o(trace, layer)[t]  # [H, d]
-    head_out = torch.einsum("hd,hdD->hD", o, w_o)
-    memory = torch.matmul(v, w_o)  # [H, T, D]
-    bias = None if w["bo"] is None else w["bo"].to(v.dtype)
+    scale = _write_scale(trace, layer, "attn", t)  # post-norm (frozen) / residual multiplier, else 1
+    head_out = torch.einsum("hd,hdD->hD", o, w_o) * scale
+    memory = torch.matmul(v, w_o) * scale  # [H, T, D]
+    bias = None if w["bo"] is None else w["bo"].to(v.dtype) * scale
     out = head_out.sum(0) if bias is None else head_out.sum(0) + bias
     return AttentionParts(layer, t, a, o, head_out, memory, bias, out)
 
@@ -108,7 +118,9 @@ class MLPParts:
     activation [F]: a, the FF2 input. keys [F, D]: FF1 columns (GPT-2 `c_fc.weight[:, n]`, Llama
     `up_proj.weight[n]`); gate_keys [F, D] or None (SwiGLU `gate_proj.weight[n]`). values [F, D]: FF2 rows
     (GPT-2 `c_proj.weight[n]`, Llama `down_proj.weight[:, n]`). bias_in [F] / bias_out [D] or None.
-    output [D]: sum_n a_n values[n] + bias_out.
+    output [D]: sum_n a_n values[n] + bias_out, the MLP's write to the residual. In families whose MLP
+    output passes a post-norm (frozen at this run's scale) or a residual multiplier before the add,
+    values and bias_out already carry that factor at this position (`Trace.write_scale`).
     """
 
     layer: int
@@ -128,13 +140,18 @@ def mlp_parts(trace, layer: int, position: int = -1) -> MLPParts:
     layer, t = _layer(trace, layer), _position(trace, position)
     a = trace.mlp_activations(layer)[t]
     as_in_out = lens.adapter.as_in_out
-    keys = as_in_out(lens.weight(layer, "mlp_in")).T.to(a.dtype)  # [F, D]
+    keys = as_in_out(lens.weight(layer, "mlp_in")).T.to(a.dtype)  # [F, D] ([2F, D] fused gate | up)
     gate = lens.param(layer, "mlp_gate")
     gate = None if gate is None else as_in_out(gate).T.to(a.dtype)
-    values = as_in_out(lens.weight(layer, "mlp_out")).to(a.dtype)  # [F, D]
-    b_in, b_out = lens.param(layer, "mlp_in", "bias"), lens.param(layer, "mlp_out", "bias")
+    b_in = lens.param(layer, "mlp_in", "bias")
+    if lens.adapter.gate_up:  # Phi-3 gate_up_proj: gate rows first, then up
+        gate, keys = keys.chunk(2, dim=0)
+        b_in = None if b_in is None else b_in.chunk(2)[1]
+    scale = _write_scale(trace, layer, "mlp", t)  # each value writes a_n * value_n * scale
+    values = as_in_out(lens.weight(layer, "mlp_out")).to(a.dtype) * scale  # [F, D]
+    b_out = lens.param(layer, "mlp_out", "bias")
     b_in = None if b_in is None else b_in.to(a.dtype)
-    b_out = None if b_out is None else b_out.to(a.dtype)
+    b_out = None if b_out is None else b_out.to(a.dtype) * scale
     out = a @ values
     return MLPParts(layer, t, a, keys, gate, values, b_in, b_out, out if b_out is None else out + b_out)
 
@@ -218,8 +235,10 @@ def _qk_forms(trace, layer: int, t: int, x: torch.Tensor) -> QKForms:
     k_dir = torch.einsum("hDd,hjd->hjD", w["q"], k_h)
     k_bias = (torch.zeros(k_h.shape[:2], dtype=q.dtype) if w["bq"] is None
               else torch.einsum("hd,hjd->hj", w["bq"], k_h))
-    approx = bool(trace.adapter.rotary)
-    return QKForms(layer, t, q, k, q_dir, q_bias, k_dir, k_bias, approx, ROPE_NOTE if approx else "exact")
+    qk_norm = trace.adapter.qk_normed(lens.model)  # the model scores normalised q, k: these forms do not
+    approx = bool(trace.adapter.rotary) or qk_norm
+    note = QK_NORM_NOTE if qk_norm else ROPE_NOTE if approx else "exact"
+    return QKForms(layer, t, q, k, q_dir, q_bias, k_dir, k_bias, approx, note)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -623,7 +642,7 @@ def visit_graph(trace, position: int = -1, layers=None, n_heads: int = 10, n_mem
         "target_id": tid,
         "layers": layers,
         "parallel": parallel,
-        "approx_qk": bool(trace.adapter.rotary),
+        "approx_qk": bool(trace.adapter.rotary) or trace.adapter.qk_normed(trace.lens.model),
         "scales": s,
         "nodes": nodes,
         "edges": edges,

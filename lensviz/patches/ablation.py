@@ -65,6 +65,7 @@ class NeuronPatch(Patch):
         return check_index_list(self.neurons, lens.d_mlp, "neurons", "neuron")
 
     def validate(self, lens, n_tokens):
+        lens.adapter.require_dense_mlp("NeuronPatch")
         check_index(self.layer, lens.n_layers, "layer")
         self._neurons(lens)
         check_number(self.value, "value")
@@ -90,12 +91,14 @@ class NeuronPatch(Patch):
         rows = slice(None) if positions is None else list(positions)
 
         def hook(mod, args):
+            flat = args[0].dim() == 2  # [T, F]: a family that flattens the MLP's tokens (OPT)
             a = args[0].clone()
+            a = a[None] if flat else a
             sel = a[:, rows][..., neurons]
             new = sel * value if self.mode == "scale" else torch.full_like(sel, value)
             block = a[:, rows]
             block[..., neurons] = new
             a[:, rows] = block
-            return (a, *args[1:])
+            return (a[0] if flat else a, *args[1:])
 
         ctx.pre_hook(ctx.part(layer, "mlp_out"), hook)

@@ -251,11 +251,10 @@ def _losses(lens, trainable: _Trainable, leaves, ids, label_pos, mode: str):
     final = nll(logits[-(n + 1):-1], targets).sum()  # the summed next-token CE of the label rows
     early = torch.zeros(0, dtype=final.dtype, device=final.device)
     if lens.n_layers > 1:  # the logit lens of blocks 0 .. L-2 at the label rows, in one unembedding
-        norm, unembed = model.get_submodule(adapter.final_norm), model.get_submodule(adapter.unembed)
-        dev = module_device(norm)
+        dev = module_device(model.get_submodule(adapter.final_norm))
         with torch.set_grad_enabled(mode == "layer_causal"):
             h = torch.stack([outs[layer][0, rows.to(outs[layer].device)].to(dev) for layer in range(lens.n_layers - 1)])
-            lg = unembed(norm(h))  # [L-1, n, V]
+            lg = adapter.vocab_logits(model, h)  # [L-1, n, V], with the family's logit transform
             early = nll(lg, targets.to(lg.device).expand(lens.n_layers - 1, n)).sum(-1).to(final.device)
     per_layer = torch.cat([early.detach(), final.detach()[None]]).to("cpu", torch.float64)
     loss = final if mode == "standard" else final + early.sum()

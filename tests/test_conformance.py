@@ -1,0 +1,625 @@
+"""Conformance suite: every supported family, as a tiny random float64 model with its maths quirks turned
+on (sliding windows shorter than the prompt, soft-capping, sinks, q/k norms, post-norms, multipliers,
+parallel blocks, partial / interleaved rotary, learned positions, fused projections, experts), checked
+against independent references: HF's own forward and eager attention, autograd through a plain
+attention function written here (it shares no code with lensviz), and the identities of
+research/methods-ra-bl-visit.md §5 (row numbers in comments).
+
+Adding a family = one adapter file + one entry in CONFIGS.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import lensviz as lv
+from lensviz.lenses import backward as bl
+from tests import models
+
+PROMPT = "I like Italy and France. I visited the city of"
+TARGET = " Paris"
+WINDOW = 4  # sliding windows shorter than the prompt (12 tokens)
+T32 = 2e-6  # HF computes RMSNorm / LayerNorm of these families in float32 even for float64 models
+
+
+def _common(**kw):
+    v = models.tokenizer().vocab_size
+    base = dict(vocab_size=v, bos_token_id=0, eos_token_id=0, pad_token_id=None, max_position_embeddings=64,
+                hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=48, initializer_range=0.15, tie_word_embeddings=False)
+    base.update(kw)
+    return base
+
+
+def _layer_types(*kinds):
+    return [{"s": "sliding_attention", "f": "full_attention"}[k] for k in kinds]
+
+
+def _cfg(family: str):
+    import transformers as tf
+
+    if family in ("gpt2", "qwen2", "gpt_neox"):
+        return models.config(family)
+    if family == "llama3":  # Llama 3.x rope scaling
+        return tf.LlamaConfig(**_common(rope_parameters={
+            "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8}))
+    if family == "mistral":
+        return tf.MistralConfig(**_common(sliding_window=WINDOW, head_dim=8))
+    if family == "qwen3":
+        return tf.Qwen3Config(**_common(head_dim=8, use_sliding_window=True, sliding_window=WINDOW,
+                                        layer_types=_layer_types("s", "f", "s")))
+    if family == "smollm3":
+        return tf.SmolLM3Config(**_common(no_rope_layers=[1, 0, 1], use_sliding_window=False))
+    if family == "starcoder2":
+        return tf.Starcoder2Config(**_common(sliding_window=WINDOW, use_bias=True, hidden_act="gelu_pytorch_tanh",
+                                             residual_dropout=0.0, embedding_dropout=0.0, attention_dropout=0.0))
+    if family == "olmo":
+        return tf.OlmoConfig(**_common())
+    if family == "olmo2":
+        return tf.Olmo2Config(**_common())
+    if family == "gemma":
+        return tf.GemmaConfig(**_common(head_dim=8, tie_word_embeddings=True))
+    if family == "gemma2":
+        return tf.Gemma2Config(**_common(head_dim=8, query_pre_attn_scalar=8, attn_logit_softcapping=3.0,
+                                         final_logit_softcapping=2.0, sliding_window=WINDOW,
+                                         layer_types=_layer_types("s", "f", "s"), tie_word_embeddings=True))
+    if family == "gemma3_text":
+        return tf.Gemma3TextConfig(**_common(head_dim=8, query_pre_attn_scalar=8, final_logit_softcapping=2.0,
+                                             sliding_window=WINDOW, layer_types=_layer_types("s", "f", "s"),
+                                             tie_word_embeddings=True))
+    if family == "gemma3":  # a Gemma 3 (vision + text) checkpoint: the text model under model.language_model
+        vision = tf.SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                       image_size=28, patch_size=14)
+        return tf.Gemma3Config(text_config=_cfg("gemma3_text").to_dict(), vision_config=vision.to_dict(),
+                               mm_tokens_per_image=4, image_token_index=5, boi_token_index=6, eoi_token_index=7)
+    if family == "granite":
+        return tf.GraniteConfig(**_common(embedding_multiplier=2.0, attention_multiplier=0.3,
+                                          residual_multiplier=0.5, logits_scaling=4.0))
+    if family == "cohere":
+        return tf.CohereConfig(**_common(logit_scale=0.5, use_qk_norm=True, tie_word_embeddings=True))
+    if family == "phi":
+        return tf.PhiConfig(**_common(qk_layernorm=True, partial_rotary_factor=0.5, resid_pdrop=0.0,
+                                      embd_pdrop=0.0, attention_dropout=0.0))
+    if family == "phi3":
+        return tf.Phi3Config(**_common(sliding_window=WINDOW, resid_pdrop=0.0, embd_pdrop=0.0,
+                                       attention_dropout=0.0))
+    if family == "stablelm":
+        return tf.StableLmConfig(**_common(qk_layernorm=True, use_qkv_bias=True, partial_rotary_factor=0.25,
+                                           num_key_value_heads=4, hidden_dropout=0.0, attention_dropout=0.0))
+    if family == "gptj":
+        v = models.tokenizer().vocab_size
+        return tf.GPTJConfig(vocab_size=v, n_positions=64, n_embd=32, n_layer=3, n_head=4, rotary_dim=4,
+                             bos_token_id=0, eos_token_id=0, initializer_range=0.15, resid_pdrop=0.0,
+                             embd_pdrop=0.0, attn_pdrop=0.0)
+    if family == "opt":
+        v = models.tokenizer().vocab_size
+        return tf.OPTConfig(vocab_size=v, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, ffn_dim=48,
+                            max_position_embeddings=64, word_embed_proj_dim=32, do_layer_norm_before=True,
+                            bos_token_id=0, eos_token_id=0, pad_token_id=1, dropout=0.0, attention_dropout=0.0,
+                            init_std=0.15)
+    if family == "mixtral":
+        return tf.MixtralConfig(**_common(num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW,
+                                          intermediate_size=16))
+    if family == "qwen3_moe":
+        return tf.Qwen3MoeConfig(**_common(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                                           head_dim=8, norm_topk_prob=True, decoder_sparse_step=1,
+                                           mlp_only_layers=[]))
+    if family == "gpt_oss":
+        return tf.GptOssConfig(**_common(num_local_experts=4, num_experts_per_tok=2, intermediate_size=16,
+                                         head_dim=8, sliding_window=WINDOW, layer_types=_layer_types("s", "f", "s"),
+                                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0}))
+    raise KeyError(family)
+
+
+# family -> what the suite expects of it (besides the checks every family passes)
+CONFIGS = {
+    "gpt2": {"quirks": "Conv1D, fused [q|k|v], learned positions, scale_attn_by_inverse_layer_idx"},
+    "llama3": {"quirks": "Llama 3.x rope scaling (rope_type llama3), GQA"},
+    "mistral": {"window": True, "quirks": "sliding window 4 < prompt"},
+    "qwen2": {"quirks": "q/k/v biases, tied embeddings"},
+    "gpt_neox": {"quirks": "per-head fused qkv, partial rotary 0.5, parallel residual"},
+    "qwen3": {"window": True, "quirks": "q/k norms, sliding/full layer_types"},
+    "smollm3": {"quirks": "layers without RoPE (no_rope_layers)"},
+    "starcoder2": {"window": True, "quirks": "LayerNorm, ungated MLP, biases, sliding window"},
+    "olmo": {"quirks": "non-parametric LayerNorm"},
+    "olmo2": {"post_norm": True, "quirks": "no pre-norms, post-attention / post-MLP RMSNorms, q/k norms"},
+    "gemma": {"quirks": "(1 + w) RMSNorm, sqrt(d) embedding scale, GeGLU, tied"},
+    "gemma2": {"window": True, "post_norm": True, "softcap": True,
+               "quirks": "attention-logit soft-capping 3, final-logit soft-capping 2, sliding/full layer_types, "
+                         "post-norms, query_pre_attn_scalar"},
+    "gemma3_text": {"window": True, "post_norm": True,
+                    "quirks": "q/k norms, final-logit soft-capping, sliding/full layer_types, post-norms"},
+    "gemma3": {"window": True, "post_norm": True,
+               "quirks": "Gemma3ForConditionalGeneration (vision tower present, text prompts), as gemma3_text"},
+    "granite": {"quirks": "embedding 2, attention 0.3, residual 0.5 multipliers, logits_scaling 4"},
+    "cohere": {"quirks": "parallel block, bias-free LayerNorm, q/k LayerNorms, interleaved RoPE, logit_scale 0.5"},
+    "phi": {"quirks": "parallel block, partial rotary 0.5, qk_layernorm, lm_head bias"},
+    "phi3": {"window": True, "quirks": "fused qkv_proj (GQA), fused gate_up_proj, sliding window"},
+    "stablelm": {"quirks": "LayerNorm, per-head q/k LayerNorms, qkv bias, partial rotary 0.25"},
+    "gptj": {"quirks": "parallel block, partial interleaved rotary (rotary_dim 4), lm_head bias"},
+    "opt": {"quirks": "learned positions (offset 2), block-level flattened MLP, pre-scaled query, ReLU"},
+    "mixtral": {"window": True, "moe": True, "quirks": "4 experts top-2 (eager experts), sliding window"},
+    "qwen3_moe": {"moe": True, "quirks": "4 experts top-2, q/k norms, norm_topk_prob"},
+    "gpt_oss": {"window": True, "moe": True, "sinks": True,
+                "quirks": "attention sinks, sliding/full layer_types, 4 experts top-2 with biases"},
+}
+FAMILIES = list(CONFIGS)
+
+
+def build(family: str, dtype=torch.float64, seed: int = 0):
+    """A tiny random model of `family` in eval mode; norm weights, biases and sinks perturbed so that no
+    quirk hides behind an initial value of 0 or 1."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    kwargs = {"experts_implementation": "eager"} if CONFIGS[family].get("moe") else {}
+    model = AutoModelForCausalLM.from_config(_cfg(family), dtype=dtype, **kwargs)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or ".ln" in name or name.startswith("ln"):
+                p.add_(0.3 * torch.randn_like(p))
+            elif name.endswith("bias") or name.endswith("sinks"):
+                p.add_(0.3 * torch.randn_like(p))
+            elif "experts" in name:
+                p.normal_(0, 0.15)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def lenses():
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            cache[family] = lv.Lens(build(family), models.tokenizer())
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def runs(lenses):
+    """(lens, trace, reference run) per family, computed once."""
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            lens = lenses(family)
+            tr = lens.trace(PROMPT, target=TARGET)
+            cache[family] = (lens, tr, reference(lens.model, tr.input_ids, tr.target_id))
+        return cache[family]
+
+    return get
+
+
+# the reference: autograd through a plain attention function --------------------------------------
+_REF = "lensviz_conformance_reference"
+_state: dict = {}
+
+
+def _reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None,
+                         s_aux=None, **kwargs):
+    """Eager attention written from the families' definitions: S = Q K^T (kept for its gradient),
+    scores = softcap(s * S) + mask, softmax (with the sink logit per head appended, then dropped)."""
+    n_rep = query.shape[1] // key.shape[1]
+    k = key.repeat_interleave(n_rep, dim=1)
+    v = value.repeat_interleave(n_rep, dim=1)
+    s = query @ k.transpose(-1, -2)
+    s.retain_grad()
+    scores = s * scaling
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    if attention_mask is not None:
+        scores = scores + attention_mask[:, :, :, : k.shape[-2]]
+    if s_aux is not None:
+        sink = s_aux.reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+        a = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    else:
+        a = torch.softmax(scores, dim=-1)
+    a.retain_grad()
+    _state.setdefault("S", []).append(s)
+    _state.setdefault("A", []).append(a)
+    return (a @ v).transpose(1, 2), a
+
+
+def reference(model, input_ids, target_id, params_grad=False):
+    """Forward + backward of L = -log softmax(logits[-1])[target] through `_reference_attention`
+    (HF's eager masks: additive, with the sliding windows). Returns S, A per layer (retained grads),
+    the hidden states (retained grads), logits and loss; with params_grad, parameters keep .grad."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(_REF, _reference_attention)
+    AttentionMaskInterface.register(_REF, eager_mask)
+    prev = model.config._attn_implementation
+    model.set_attn_implementation(_REF)
+    _state.clear()
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(params_grad)
+            p.grad = None
+        emb = model.get_input_embeddings()(input_ids[None]).detach().requires_grad_(True)
+        out = model(inputs_embeds=emb, output_hidden_states=True, use_cache=False)
+        for h in out.hidden_states:
+            if h.requires_grad:
+                h.retain_grad()
+        loss = -torch.log_softmax(out.logits[0, -1], -1)[target_id]
+        loss.backward()
+        return dict(S=list(_state["S"]), A=list(_state["A"]), hidden=out.hidden_states,
+                    logits=out.logits[0].detach(), loss=float(loss.detach()))
+    finally:
+        model.set_attn_implementation(prev)
+        for p, f in flags:
+            p.requires_grad_(f)
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def tol(family):
+    """Identities that pass through a family's norm modules hold to float32 (HF computes them in float32)."""
+    return T32 if CONFIGS[family].get("post_norm") else 1e-12
+
+
+# the checks ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_equal_hf_and_the_last_logit_lens_layer(family, runs):  # row 1, row 14
+    lens, tr, ref = runs(family)
+    assert tr.logits.dtype == torch.float64
+    assert rel(tr.logits, ref["logits"]) < 1e-12
+    with torch.no_grad():
+        plain = lens.model(tr.input_ids[None], use_cache=False).logits[0]  # HF's own attention implementation
+    assert rel(tr.logits, plain) < 1e-5  # HF eager softmax runs in float32 (research §0)
+    assert tr.loss == pytest.approx(ref["loss"], abs=1e-10)
+    # the vocabulary projection of the last block output is the model's own output distribution
+    top = tr.logit_lens(k=5)
+    probs = torch.softmax(tr.logits, -1)
+    assert torch.equal(top.ids[-1], probs.topk(5, -1).indices)
+    assert torch.allclose(top.probs[-1].double(), probs.topk(5, -1).values, atol=1e-6, rtol=0)  # probs are float32
+    assert torch.equal(top.target_rank[-1], (probs > probs[:, tr.target_id:tr.target_id + 1]).sum(-1))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_attention_equals_hf_eager(family, runs):
+    lens, tr, ref = runs(family)
+    eager = copy.deepcopy(lens.model)
+    eager.set_attn_implementation("eager")
+    with torch.no_grad():
+        out = eager(tr.input_ids[None], output_attentions=True, use_cache=False)
+    t = len(tr)
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    windowed = causal & ~torch.ones(t, t, dtype=torch.bool).tril(-WINDOW)
+    n_windowed = 0
+    for layer in range(lens.n_layers):
+        a = tr.attention(layer)
+        assert torch.allclose(a, out.attentions[layer][0], atol=1e-6, rtol=0)  # HF eager: float32 softmax
+        assert torch.allclose(a, ref["A"][layer][0].detach(), atol=1e-12, rtol=0)
+        assert torch.all(a[:, ~causal] == 0)
+        if CONFIGS[family].get("window") and bool(torch.all(a[:, ~windowed] == 0)):
+            n_windowed += 1
+        rows = a.sum(-1)
+        if CONFIGS[family].get("sinks"):
+            assert torch.all(rows < 1) and torch.all(rows > 0)  # the sink takes its share of every row
+        else:
+            assert torch.allclose(rows, torch.ones_like(rows), atol=1e-12)
+    if CONFIGS[family].get("window"):
+        assert n_windowed >= 1  # at least one layer attends only inside the window, shorter than the prompt
+        assert n_windowed < lens.n_layers or family in ("mistral", "starcoder2", "phi3", "mixtral")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_reversed_attention_equals_autograd(family, runs):  # rows 2, 4, 5, 6, 7
+    lens, tr, ref = runs(family)
+    n_rep = lens.n_heads // lens.n_kv_heads
+    for layer in range(lens.n_layers):
+        ra = tr.reversed_attention(layer)
+        assert rel(ra, ref["S"][layer].grad[0]) < 1e-10  # row 2: dL/d(QK^T), through soft-capping and sinks
+        assert torch.all(ra.triu(1) == 0)  # row 6
+        delta = tr.head_output_grad(layer)
+        v = tr.qkv(layer)[2].repeat_interleave(n_rep, dim=0)
+        g = delta @ v.transpose(-1, -2)
+        a_grad = ref["A"][layer].grad[0]
+        assert torch.allclose(g.tril(), a_grad.tril(), atol=1e-12 * float(a_grad.abs().max()))  # row 4
+        if not (CONFIGS[family].get("sinks") or CONFIGS[family].get("softcap")):  # (the tanh reweights RA)
+            assert float(ra.sum(-1).abs().max()) <= 1e-12 * float(ra.abs().max())  # row 5
+        if not (CONFIGS[family].get("sinks") or CONFIGS[family].get("softcap")):  # row 7 (plain softmax only)
+            a, s = tr.attention(layer), tr.attention_scaling(layer)
+            mean = (a * g).sum(-1, keepdim=True)
+            variance = (a * (g - mean) ** 2).sum(-1).sum(-1)
+            inner = (g * ra).sum(dim=(-1, -2))
+            assert torch.allclose(inner, s * variance, rtol=1e-10, atol=1e-300)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_residuals_and_gradients_equal_autograd(family, runs):  # rows 12, 13, 14
+    lens, tr, ref = runs(family)
+    hidden = ref["hidden"]
+    for layer in range(lens.n_layers):
+        assert rel(tr.resid(layer, "pre"), hidden[layer][0].detach()) < 1e-12
+        assert rel(tr.resid_grad(layer, "pre"), hidden[layer].grad[0]) < 1e-10
+    final = lens.model.get_submodule(lens.adapter.final_norm)
+    with torch.no_grad():
+        logits = lens.adapter.vocab_logits(lens.model, tr.resid(-1, "post"))
+    assert rel(logits, tr.logits) < 1e-12  # row 14, with the family's head projection and logit transform
+    x = tr.resid(-1, "post")[-1].clone().requires_grad_(True)
+    lg = lens.adapter.vocab_logits(lens.model, x)
+    (-torch.log_softmax(lg, -1)[tr.target_id]).backward()
+    assert rel(tr.resid_grad(-1, "post")[-1], x.grad) < 1e-10  # row 13
+    assert torch.all(tr.resid_grad(-1, "post")[:-1] == 0)  # row 12
+    assert final is not None
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_block_decomposes_into_head_and_neuron_writes(family, runs):  # row 16, frozen-scale post-norms
+    lens, tr, _ = runs(family)
+    ad, model = lens.adapter, lens.model
+    for layer in range(lens.n_layers):
+        pre, mid, post = (tr.resid(layer, s) for s in ("pre", "mid", "post"))
+        o_bias = ad.part(model, layer, "o_proj").bias
+        attn_write = tr.head_outputs(layer).sum(0)
+        if o_bias is not None:
+            attn_write = attn_write + o_bias.detach() * tr.write_scale(layer, "attn")
+        assert rel(pre + attn_write, mid) < tol(family)  # the parts sum to the real write
+        if CONFIGS[family].get("moe"):
+            with torch.no_grad():
+                mlp_out = ad.mlp_module(ad.blocks_of(model)[layer])(tr.mlp_input(layer)[None])
+            mlp_out = (mlp_out[0] if isinstance(mlp_out, tuple) else mlp_out)[0]
+            assert rel(mid + mlp_out, post) < 1e-12
+            experts, weights = tr.router(layer)
+            assert experts.shape == weights.shape == (len(tr), model.config.num_experts_per_tok)
+            assert torch.all(weights > 0)
+            with pytest.raises(lv.LensvizError, match="mixture-of-experts"):
+                tr.mlp_activations(layer)
+            continue
+        w = ad.as_in_out(ad.part(model, layer, "mlp_out").weight.detach())
+        b = ad.part(model, layer, "mlp_out").bias
+        sub = tr.mlp_activations(layer) @ w + (0 if b is None else b.detach())  # sum_n a_n value_n + b
+        assert rel(mid + sub * tr.write_scale(layer, "mlp"), post) < tol(family)
+        with torch.no_grad():  # the MLP run on mlp_input gives the same raw output
+            raw = ad.mlp_module(ad.blocks_of(model)[layer])(tr.mlp_input(layer))
+        assert rel(raw, sub) < 1e-12
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_weight_gradients_equal_autograd(family, runs):  # rows 9, 10, 11 and W_v from A, delta
+    lens, tr, _ = runs(family)
+    model, ad, dims = lens.model, lens.adapter, lens.dims
+    reference(model, tr.input_ids, tr.target_id, params_grad=True)
+    try:
+        for layer in range(lens.n_layers):
+            block = ad.blocks_of(model)[layer]
+            # W_v (no RoPE, no norm on v in any family): dL/dV_g = sum over g's query heads of A_h^T delta_h
+            a, delta = tr.attention(layer), tr.head_output_grad(layer)
+            n_rep = lens.n_heads // lens.n_kv_heads
+            d_v = torch.stack([sum(a[h].T @ delta[h] for h in range(g * n_rep, (g + 1) * n_rep))
+                               for g in range(lens.n_kv_heads)]).transpose(0, 1).reshape(len(tr), -1)
+            x = tr.attn_input(layer)
+            v_slices = [s for s in ad.proj_slices(dims, "v") if s.name == "weight"]
+            for s in v_slices:
+                grad = block.get_submodule(s.path).weight.grad
+                grad = grad if s.index is None else grad.index_select(s.dim, s.index)
+                expect = x.T @ d_v  # [in, out]
+                assert rel(grad, expect if ad.weight_layout == "conv1d" else expect.T) < 1e-10
+            # W_O: dL/dW_O = O^T dL/d(o_proj output), pulled back through the post-norm / multiplier
+            o = tr.recording.at("o", layer)
+            d_out = tr.resid_grad(layer, "post" if ad.is_parallel(model.config) else "mid")
+            if ad.post_attn_norm is not None:
+                norm = block.get_submodule(ad.post_attn_norm)
+                _, vjp = torch.func.vjp(norm, tr.recording.at("attn_y", layer))
+                d_out = vjp(d_out)[0]
+            d_out = d_out * ad.multiplier(model.config)
+            assert rel(ad.as_in_out(ad.part(model, layer, "o_proj").weight.grad), o.T @ d_out) < 1e-10  # row 9
+            if CONFIGS[family].get("moe"):
+                with pytest.raises(lv.LensvizError, match="mixture-of-experts"):
+                    bl.weight_gradient(tr, layer, "mlp_out")
+                continue
+            for part in bl.FF_PARTS:  # row 10: the Backward Lens rebuilds every MLP matrix's gradient
+                if getattr(ad, part) is None:
+                    continue
+                wg = bl.weight_gradient(tr, layer, part)
+                module = ad.part(model, layer, part)
+                assert rel(wg.weight, module.weight.grad) < 1e-10, part
+                if module.bias is not None:
+                    assert rel(wg.bias, module.bias.grad) < 1e-10, part
+                assert int(torch.linalg.matrix_rank(wg.weight)) <= len(tr)  # row 11
+    finally:
+        for p in model.parameters():
+            p.grad = None
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_patched_runs_equal_hand_patched_references(family, lenses):
+    lens = lenses(family)
+    ad, model = lens.adapter, lens.model
+    layer, heads = 1, [0, 2]
+    ids, _ = lens.encode(PROMPT)
+    d = lens.d_head
+
+    def zero_heads(mod, args):
+        x = args[0].clone()
+        for h in heads:
+            x[..., h * d:(h + 1) * d] = 0
+        return (x,)
+
+    handle = ad.part(model, layer, "o_proj").register_forward_pre_hook(zero_heads)
+    try:
+        with torch.no_grad():
+            expect = model(ids[None], use_cache=False).logits[0]
+    finally:
+        handle.remove()
+    tr = lens.trace(PROMPT, target=TARGET, patches=[lv.HeadAblation(layer, heads)])
+    assert rel(tr.logits, expect) < 1e-5  # HF's own attention (float32 eager softmax where it has no SDPA)
+    assert torch.all(tr.head_values(layer)[heads] == 0)
+    zero = lens.trace(PROMPT, target=TARGET, patches=[lv.AttentionPatch(0.0)])  # row 18
+    assert torch.equal(zero.logits, lens.trace(PROMPT, target=TARGET).logits)
+    if CONFIGS[family].get("moe"):
+        with pytest.raises(lv.LensvizError, match="mixture-of-experts"):
+            lens.trace(PROMPT, target=TARGET, patches=[lv.NeuronPatch(layer, [1, 3])])
+        return
+    neurons = [1, 3]
+
+    def zero_neurons(mod, args):
+        a = args[0].clone()
+        a[..., neurons] = 0
+        return (a,)
+
+    handle = ad.part(model, layer, "mlp_out").register_forward_pre_hook(zero_neurons)
+    try:
+        with torch.no_grad():
+            expect = model(ids[None], use_cache=False).logits[0]
+    finally:
+        handle.remove()
+    tr = lens.trace(PROMPT, target=TARGET, patches=[lv.NeuronPatch(layer, neurons)])
+    assert rel(tr.logits, expect) < 1e-5
+    assert torch.all(tr.mlp_activations(layer)[:, neurons] == 0)
+
+
+def _hook_counts(model):
+    names = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    return {n: tuple(len(getattr(m, a)) for a in names) for n, m in model.named_modules()}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_nothing_lost(family, lenses):
+    lens = lenses(family)
+    model = lens.model
+    before = ({k: v.clone() for k, v in model.state_dict().items()}, _hook_counts(model),
+              model.config._attn_implementation, [p.requires_grad for p in model.parameters()])
+    lens.trace(PROMPT, target=TARGET)
+    lens.trace(PROMPT, patches=[lv.HeadAblation(0, 1), lv.TopKAttention(3)], backward=False)
+    with lens.patched(lv.HeadAblation(0, 1)), torch.no_grad():
+        model(lens.encode(PROMPT)[0][None], use_cache=False)
+    state, hooks, impl, flags = before
+    assert _hook_counts(model) == hooks
+    assert model.config._attn_implementation == impl
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_is_finite(family, dtype):
+    lens = lv.Lens(build(family, dtype=dtype), models.tokenizer())
+    tr = lens.trace(PROMPT, target=TARGET)
+    assert torch.isfinite(tr.logits).all() and tr.logits.dtype == dtype
+    for layer in range(lens.n_layers):
+        assert torch.isfinite(tr.attention(layer)).all()
+        assert torch.isfinite(tr.reversed_attention(layer)).all()
+        assert torch.isfinite(tr.resid_grad(layer, "pre")).all()
+    assert torch.isfinite(tr.logit_lens(k=3).probs).all()
+
+
+def _lens_calls(lens, tr):
+    """Every lens and view payload, called with defaults on layer 0 / head 0 / the last position."""
+    from lensviz.lenses import composition, embedding_space, neurons, reversed, visit
+    from lensviz.views import payload
+
+    return {
+        "rank_heads": lambda: reversed.rank_heads(tr),
+        "backward_lens": lambda: bl.backward_lens(tr),
+        "shift_tokens": lambda: bl.shift_tokens(tr, 0),
+        "imprint_tokens": lambda: bl.imprint_tokens(tr, 0),
+        "top_sub_updates": lambda: neurons.top_sub_updates(tr),
+        "debugger_view": lambda: neurons.debugger_view(tr),
+        "project_values": lambda: neurons.project_values(lens, 0, [0, 1]),
+        "layer_predictions": lambda: neurons.layer_predictions(tr),
+        "visit_graph": lambda: visit.visit_graph(tr),
+        "head_summaries": lambda: visit.head_summaries(tr, 0),
+        "ln_filter": lambda: visit.ln_filter(tr),
+        "qk_forms": lambda: visit.qk_forms(tr, 0),
+        "composition_scores": lambda: composition.composition_scores(lens),
+        "ov_svd": lambda: composition.ov_svd(lens, 0),
+        "qk_svd": lambda: composition.qk_svd(lens, 0),
+        "head_top_pairs": lambda: embedding_space.head_top_pairs(lens, 0, 0, "ov", k=5),
+        "ffn_projections": lambda: embedding_space.ffn_projections(lens, 0, k=5),
+        "head_projections": lambda: embedding_space.head_projections(lens, 0, 0, k=5),
+        "payload_neurons": lambda: payload.neurons(tr, 0, len(tr) - 1),
+        "payload_backward": lambda: payload.backward_table(tr),
+        "payload_flow": lambda: payload.flow_graph(tr, len(tr) - 1),
+        "payload_value_search": lambda: payload.value_search(lens, " Paris"),
+        "compare": lambda: lv.compare(tr, lens.trace(PROMPT, target=TARGET, patches=[lv.HeadAblation(0, 0)])),
+    }
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_lens_works_or_names_what_blocks_it(family, runs):
+    lens, tr, _ = runs(family)
+    refused = {}
+    for name, call in _lens_calls(lens, tr).items():
+        try:
+            call()
+        except lv.LensvizError as err:
+            refused[name] = str(err)
+    if CONFIGS[family].get("moe"):
+        assert refused and all("mixture-of-experts" in m for m in refused.values()), refused
+    else:
+        assert refused == {}
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if not CONFIGS[f].get("moe")])
+def test_visit_parts_sum_to_the_block(family, runs):  # row 16 through the VISIT decomposition
+    from lensviz.lenses import visit
+
+    lens, tr, _ = runs(family)
+    for layer in range(lens.n_layers):
+        v = visit.block_vectors(tr, layer)
+        total = v["block_input"] + v["attn_output"] + v["mlp_output"]
+        assert rel(total, v["block_output"]) < tol(family)
+        mlp = visit.mlp_parts(tr, layer)
+        assert mlp.keys.shape == mlp.values.shape == (lens.d_mlp, lens.d_model)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_qk_forms_are_exact_only_without_rope_and_qk_norms(family, runs):
+    from lensviz.lenses import visit
+
+    lens, tr, _ = runs(family)
+    qk = visit.qk_forms(tr, 1)
+    normed = lens.adapter.qk_normed(lens.model)
+    assert normed == any(k in family for k in ("qwen3", "olmo2", "gemma3", "cohere", "phi", "stablelm")) - (
+        family == "phi3")
+    assert qk.approx == (lens.adapter.rotary or normed)
+    if not qk.approx:  # exact: the forms give the model's scores
+        q, k, _ = tr.qkv(1)
+        g = torch.arange(lens.n_heads) // (lens.n_heads // lens.n_kv_heads)
+        expect = torch.einsum("hd,hjd->hj", q[:, qk.position], k[g])
+        assert rel(qk.scores, expect) < 1e-12
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_through_lensviz_attention_equals_hf(family, lenses):
+    """Decoding with the KV cache through lensviz's attention function (soft-capping, sinks and sliding
+    windows on one-token steps) picks the tokens HF's own implementation picks."""
+    lens = lenses(family)
+    ids, _ = lens.encode(PROMPT)
+    gen = lens.generate(PROMPT, 4)
+    with torch.no_grad():
+        hf = lens.model.generate(ids[None], attention_mask=torch.ones_like(ids[None]), max_new_tokens=4,
+                                 do_sample=False, pad_token_id=0)
+    assert gen.ids.tolist() == hf[0, len(ids):].tolist()
+    with torch.no_grad():  # the last step's logits equal a full forward over prompt + generated tokens
+        full = lens.model(hf[:, :-1], use_cache=False).logits[0, -1]
+    assert rel(gen.logits[-1], full) < 1e-5
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_top_k_attention_and_segment_mask(family, lenses):
+    lens = lenses(family)
+    tr = lens.trace(PROMPT, target=TARGET, patches=[lv.TopKAttention(2)])
+    for layer in range(lens.n_layers):
+        a = tr.attention(layer)
+        assert int((a > 0).sum(-1).max()) <= 2
+        assert torch.isfinite(tr.reversed_attention(layer)).all()
+    parts = ["I like Italy and France.", " I visited the city of"]
+    seg = lens.trace(parts, target=TARGET, patches=[lv.SegmentMask()])
+    (s0, e0), (s1, e1) = seg.segments
+    for layer in range(lens.n_layers):
+        a = seg.attention(layer)
+        assert torch.all(a[:, s0:e0, s1:e1] == 0)  # the first segment never sees the second
+    assert torch.isfinite(seg.logits).all()
