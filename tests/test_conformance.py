@@ -623,3 +623,52 @@ def test_top_k_attention_and_segment_mask(family, lenses):
         a = seg.attention(layer)
         assert torch.all(a[:, s0:e0, s1:e1] == 0)  # the first segment never sees the second
     assert torch.isfinite(seg.logits).all()
+
+
+MOE = [f for f in FAMILIES if CONFIGS[f].get("moe")]
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_expert_sub_updates_sum_to_the_moe_output(family, runs):
+    """sub-update = router weight x activation x value vector; with the experts' biases they sum to the
+    MLP output (post - mid) at every position."""
+    from lensviz.lenses import experts as ex
+
+    lens, tr, _ = runs(family)
+    for layer in range(lens.n_layers):
+        for t in range(len(tr)):
+            p = ex.expert_parts(tr, layer, t)
+            assert torch.equal(p.experts, tr.router(layer)[0][t])
+            assert rel(p.sub_updates, p.weights[:, None, None] * p.activations[:, :, None] * p.values) < 1e-15
+            write = tr.resid(layer, "post")[t] - tr.resid(layer, "mid")[t]
+            assert rel(p.output, write) < 1e-12
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_expert_neuron_patch_equals_zeroed_value_vectors(family, lenses):
+    """NeuronPatch(expert=e, neurons, 0) == the model with expert e's value vectors of those neurons zeroed."""
+    lens = lenses(family)
+    layer, e, neurons = 1, 2, [0, 3, 5]
+    experts = lens.adapter.blocks_of(lens.model)[layer].get_submodule(lens.adapter.experts)
+    down = experts.down_proj
+    saved = down.detach().clone()
+    ids, _ = lens.encode(PROMPT)
+    try:
+        with torch.no_grad():
+            if family == "gpt_oss":  # down_proj [E, F, D]: rows are value vectors
+                down[e, neurons] = 0
+            else:  # [E, D, F]: columns are value vectors
+                down[e][:, neurons] = 0
+            expect = lens.model(ids[None], use_cache=False).logits[0]
+    finally:
+        with torch.no_grad():
+            down.copy_(saved)
+    tr = lens.trace(PROMPT, target=TARGET, patches=[lv.NeuronPatch(layer, neurons, expert=e)])
+    assert rel(tr.logits, expect) < 1e-5  # HF sdpa / eager vs lensviz's attention
+    base = lens.trace(PROMPT, target=TARGET)
+    assert not torch.equal(tr.logits, base.logits)  # expert e is used at this layer
+    scaled = lens.trace(PROMPT, target=TARGET, patches=[lv.NeuronPatch(layer, neurons, value=1.0, mode="scale",
+                                                                         expert=e)])
+    assert torch.allclose(scaled.logits, base.logits, atol=1e-12, rtol=0)  # scaling by 1 changes nothing
+    with pytest.raises(lv.LensvizError, match="expert"):
+        lens.trace(PROMPT, patches=[lv.NeuronPatch(layer, neurons, expert=99)])

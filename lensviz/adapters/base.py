@@ -93,7 +93,10 @@ class Adapter:
     post_mlp_norm: str | None = None  # a norm applied to the MLP output before the residual add
     residual_multiplier: str | None = None  # config attribute m: residual += m * sublayer output (Granite)
     moe: bool = False  # mixture-of-experts MLP: `mlp` holds a router and experts (no single mlp_out matrix)
-    router: str | None = None  # block-level router module (MoE)
+    router: str | None = None  # block-level router module (MoE): returns (logits, top-k weights, top-k experts)
+    experts: str | None = None  # block-level experts module (MoE), called as experts(x [n, D], experts, weights)
+    expert_activation: Callable | None = None  # (experts module, e, x [n, D]) -> a [n, F] of expert e
+    expert_values: Callable | None = None  # (experts module, e) -> (values [F, D], bias [D] or None)
     # vocabulary head: logits = transform(unembed(final_norm(h)))
     logit_softcap: str | None = None  # config attribute c: logits = c * tanh(logits / c) (Gemma 2/3)
     logit_scale: str | None = None  # config attribute: logits *= it (Cohere)
@@ -188,6 +191,11 @@ class Adapter:
         StableLM `qk_layernorm`, Cohere `use_qk_norm`): read off the module tree."""
         attn = self.blocks_of(model)[0].get_submodule(self.attn)
         return any(getattr(attn, name, None) is not None for name in QK_NORM_NAMES)
+
+    def n_experts(self, config) -> int:
+        """The number of experts of a MoE family (0 for dense MLPs)."""
+        config = text_config(config)
+        return int(getattr(config, "num_local_experts", None) or getattr(config, "num_experts", 0) or 0) if self.moe else 0
 
     def require_dense_mlp(self, what: str) -> None:
         """LensvizError for `what` (a lens or patch needing single MLP matrices) on MoE families."""

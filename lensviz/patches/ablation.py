@@ -47,6 +47,8 @@ class NeuronPatch(Patch):
     mode "set": m_i = value; "scale": m_i *= value; "on": m_i = the layer's largest sub-update score
     |m_j|·||v_j|| at the last position of the unpatched run, plus 0.01 (LM-Debugger's "on" value,
     applied to m_i directly since SwiGLU has no single pre-activation). positions: None = all.
+    expert: on mixture-of-experts families, the expert e whose neurons a_{e,i} are set (modes "set" and
+    "scale"), at the positions routed to it; the MLP output changes by w_e (a'_e - a_e) W_down,e there.
     """
 
     layer: int
@@ -54,6 +56,7 @@ class NeuronPatch(Patch):
     value: float = 0.0
     mode: str = "set"
     positions: object = None
+    expert: int | None = None
 
     @property
     def needs_base(self) -> bool:
@@ -65,7 +68,14 @@ class NeuronPatch(Patch):
         return check_index_list(self.neurons, lens.d_mlp, "neurons", "neuron")
 
     def validate(self, lens, n_tokens):
-        lens.adapter.require_dense_mlp("NeuronPatch")
+        if self.expert is None:
+            lens.adapter.require_dense_mlp("NeuronPatch without expert=")
+        elif not lens.adapter.moe:
+            raise LensvizError(f"NeuronPatch(expert=...) needs a mixture-of-experts model; {lens.arch} has a dense MLP")
+        else:
+            check_index(self.expert, lens.adapter.n_experts(lens.model.config), "expert")
+            if self.mode == "on":
+                raise LensvizError("NeuronPatch(expert=...) takes mode 'set' or 'scale'")
         check_index(self.layer, lens.n_layers, "layer")
         self._neurons(lens)
         check_number(self.value, "value")
@@ -89,6 +99,9 @@ class NeuronPatch(Patch):
         positions = check_positions(self.positions, len(ctx.input_ids) or None)
         value = self.on_value(ctx.base) if self.mode == "on" else float(self.value)
         rows = slice(None) if positions is None else list(positions)
+        if self.expert is not None:
+            self._install_expert(ctx, layer, neurons, value, positions)
+            return
 
         def hook(mod, args):
             flat = args[0].dim() == 2  # [T, F]: a family that flattens the MLP's tokens (OPT)
@@ -102,3 +115,27 @@ class NeuronPatch(Patch):
             return (a[0] if flat else a, *args[1:])
 
         ctx.pre_hook(ctx.part(layer, "mlp_out"), hook)
+
+    def _install_expert(self, ctx, layer, neurons, value, positions):
+        """A forward hook on the experts module: out[t] += w_e (a'_e(x_t) - a_e(x_t))[neurons] values_e[neurons]
+        for the tokens t routed to expert e (and in `positions`)."""
+        ad, e = ctx.adapter, check_index(self.expert, ctx.adapter.n_experts(ctx.model.config), "expert")
+        module = ctx.block(layer).get_submodule(ad.experts)
+
+        def hook(mod, args, output):
+            x, chosen, weights = args[:3]
+            hit = chosen == e  # [n, k]
+            if positions is not None:
+                keep = torch.zeros(hit.shape[0], dtype=torch.bool, device=hit.device)
+                keep[list(positions)] = True
+                hit = hit & keep[:, None]
+            rows, slots = torch.where(hit)
+            if len(rows) == 0:
+                return None
+            a = ad.expert_activation(mod, e, x[rows])[:, neurons]
+            new = a * value if self.mode == "scale" else torch.full_like(a, value)
+            values, _ = ad.expert_values(mod, e)
+            delta = ((new - a) @ values[neurons]) * weights[rows, slots, None].to(a.dtype)
+            return output.index_add(0, rows, delta.to(output.dtype))
+
+        ctx.forward_hook(module, hook)
