@@ -37,16 +37,4 @@ def load_ipython_extension(ipython):
 
 __all__ = ["Explorer", "plot", "export_html", "ActivationPatch", "AttentionPatch", "HeadAblation", "Lens", "LensvizError", "NeuronPatch", "SegmentMask",
            "ShiftEdit", "TopKAttention", "Trace", "UnsupportedModelError", "compare", "load"]
-
-
-def _version() -> str:
-    """The installed distribution's version (pyproject.toml is the one source)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("lensviz")
-    except PackageNotFoundError:  # a source tree on sys.path that was never installed
-        return "0+unknown"
-
-
-__version__ = _version()
+from .version import __version__  # noqa: E402  (the installed metadata; pyproject.toml is the source)

@@ -52,7 +52,7 @@ def versions() -> dict[str, str]:
     """The versions that decide whether a converted model can be reused."""
     import transformers
 
-    from . import __version__
+    from .version import __version__
 
     return {"lensviz": __version__, "transformers": transformers.__version__}
 

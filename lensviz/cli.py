@@ -19,7 +19,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .version import __version__
 
     top = argparse.ArgumentParser(prog="lensviz", description="Look inside transformer language models, "
                                   "forward and backward: the demo, or an offline Explorer page for a prompt.")
