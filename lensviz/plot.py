@@ -26,10 +26,26 @@ RANK_COLOURS = ("#7cfc00", "#ffff66", "#d9d9d9", "#d9d9d9", "#e41a1c")  # VISIT:
 def _mpl():
     try:
         import matplotlib  # noqa: F401
-        from matplotlib.figure import Figure
+
+        from .figure import InlineFigure  # a Figure that displays inline without %matplotlib
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise LensvizError("lensviz.plot needs matplotlib: pip install 'lensviz[plot]' (or matplotlib>=3.7)") from e
-    return Figure
+    return InlineFigure
+
+
+def _named(draw):
+    """Put the model's name (Lens.name) small at the bottom right of a figure the function made itself."""
+    import functools
+
+    @functools.wraps(draw)
+    def wrapper(trace, *args, **kwargs):
+        fig = draw(trace, *args, **kwargs)
+        name = getattr(getattr(trace, "_lens", None), "name", None)
+        if kwargs.get("ax") is None and name:
+            fig.supxlabel(name, x=0.995, ha="right", fontsize=7, color="0.4", parse_math=False)
+        return fig
+
+    return wrapper
 
 
 def token_label(token: str, width: int | None = None) -> str:
@@ -154,6 +170,7 @@ def _map_figure(trace, ax, cells: float = 1.0):
     return fig, None
 
 
+@_named
 def attention(trace, layer: int, head: int, *, ax=None):
     """Forward attention A [T, T] of one head as a heatmap: 'Greens', vmin 0, vmax 1, upper triangle
     masked, diagonal cells outlined, tokens on both axes (queries down, keys across). Draws into `ax`
@@ -165,6 +182,7 @@ def attention(trace, layer: int, head: int, *, ax=None):
     return fig
 
 
+@_named
 def reversed_attention(trace, layer: int, head: int, *, ax=None):
     """Reversed Attention RA [T, T] of one head (∂L/∂ of the unscaled scores, L = NLL of the target):
     diverging red-white-blue centred on 0 (colour limits ±max|RA|), colorbar ticks at 0.8·min, 0 and
@@ -177,6 +195,7 @@ def reversed_attention(trace, layer: int, head: int, *, ax=None):
     return fig
 
 
+@_named
 def compare_maps(trace, layer: int, head: int):
     """Forward map A (left) and Reversed Attention RA (right) of one head side by side (the paper's
     Fig. 1), with the target in the title. Returns the Figure (two map axes plus their colorbars)."""
@@ -191,6 +210,7 @@ def compare_maps(trace, layer: int, head: int):
     return fig
 
 
+@_named
 def head_norms(trace, kind: str = "reversed", layers=None):
     """Per-head map norms as a [head × layer] grid: ‖RA‖_F with 'Purples' (kind "reversed") or ‖A‖_F with
     'Greens' (kind "forward"); the largest cell is outlined. Returns the Figure."""
@@ -240,6 +260,7 @@ def _cell_table(ax, values, texts, cmap, norm, row_labels, tokens, fontsize: flo
     return im
 
 
+@_named
 def logit_lens(trace, site: str = "post", k: int = 1, colour: str = "prob", layers=None):
     """Logit lens heatmap: rows = layers (last layer on top), columns = prompt tokens; each cell holds
     the top-k tokens of proj(resid(layer, site)) at that position (one per line). colour="prob": the
@@ -273,6 +294,7 @@ def logit_lens(trace, site: str = "post", k: int = 1, colour: str = "prob", laye
     return fig
 
 
+@_named
 def backward_lens(trace, layers=None, *, normalize: bool | None = None, sign: int = 1):
     """The Backward Lens tables (as drawn in the paper): "FF1 hidden states (x_i) projection" (white→blue) above
     "FF2 VJPs (δ_i) projection" (white→purple), each [layer × token] with the last layer on top. Cell
@@ -307,6 +329,7 @@ def backward_lens(trace, layers=None, *, normalize: bool | None = None, sign: in
     return fig
 
 
+@_named
 def target_rank_by_layer(trace, layers=None, *, normalize: bool | None = None, sign: int = 1):
     """Rank of the trace's target in proj(δ_FF2) (sign=-1: in proj(−δ), the tokens a step writes)
     against layer, one line per prompt token (log y axis, rank 1 = most probable; the last token is
@@ -377,6 +400,7 @@ def _flow_layout(nodes) -> dict:
     return pos
 
 
+@_named
 def flow_graph(trace, position: int = -1, layers=None, *, graph: dict | None = None, **visit_kw):
     """The VISIT flow graph (`lensviz.lenses.visit.visit_graph`) of one position drawn with matplotlib:
     one row per stage (residual stream on the left, layers bottom to top), each node labelled with the

@@ -25,8 +25,16 @@ TABS = ("attention", "reversed", "neurons", "backward", "flow", "masks")
 
 
 def view_sources() -> dict[str, str]:
-    """The ES modules of the views, shipped in lensviz/views/static (loaded by explorer.js)."""
-    return {name: (STATIC / f"{name}.js").read_text() for name in VIEW_MODULES if (STATIC / f"{name}.js").exists()}
+    """The ES modules of the views, shipped in lensviz/views/static (loaded by explorer.js). A missing
+    file (a broken install) raises LensvizError naming it, instead of an Explorer without that view."""
+    files = [f"{name}.js" for name in VIEW_MODULES] + ["explorer.js", "style.css"]
+    missing = [f for f in files if not (STATIC / f).is_file()]
+    if missing:
+        raise LensvizError(
+            f"this lensviz install lacks its front-end files {', '.join(missing)} in {STATIC.name}/ "
+            "(lensviz/views/static): reinstall lensviz (pip install --force-reinstall lensviz), or, from a "
+            "source checkout, pip install . so the package data is copied")
+    return {name: (STATIC / f"{name}.js").read_text(encoding="utf-8") for name in VIEW_MODULES}
 
 
 def _int_list(value, what):
@@ -130,7 +138,7 @@ class Explorer(anywidget.AnyWidget):
         self.base = None
         self.trace = None
         self._patch_objs = ()
-        self.model_name = getattr(lens.model.config, "_name_or_path", "") or type(lens.model).__name__
+        self.model_name = lens.name   # hub id, folder name or "... (embedded)": never an absolute path
         self._modules = view_sources()
         self.on_msg(self._on_msg)
 

@@ -7,7 +7,11 @@ The server listens on a free 127.0.0.1 port with token auth, runs as root if nee
 Jupyter state (config, data, runtime, settings, workspaces, IPython, matplotlib) in a temporary home
 that is deleted on stop. It serves a temporary copy of the given folder (Lab autosaves into its root).
 Kernels run in this interpreter (``sys.executable``, the venv) with the repository root on PYTHONPATH,
-so ``import lensviz`` and ``from tests import models`` both work in a notebook.
+so ``import lensviz`` and ``from tests import models`` both work in a notebook; ``kernel_python=`` runs
+them in another environment's interpreter instead, isolated (``python -I``: no PYTHONPATH, no current
+folder on sys.path), e.g. a fresh virtual environment with lensviz installed from its wheel.
+The kernelspec has its own name (``KERNEL_NAME``), so no ``python3`` kernelspec of a virtual
+environment (which wins over ours under JUPYTER_PREFER_ENV_PATH=1) can stand in for it.
 
 No news, no update checks, no extension manager talking to PyPI, no notifications: nothing but
 127.0.0.1. See /work/shared/research/browser-testing.md for the recipe this follows.
@@ -31,6 +35,7 @@ import nbformat
 
 REPO = Path(__file__).resolve().parents[2]
 KERNEL_DISPLAY_NAME = "Python 3 (ipykernel)"
+KERNEL_NAME = "lensviz-test"     # not "python3": a venv's share/jupyter/kernels/python3 would shadow it
 
 
 def free_port() -> int:
@@ -47,9 +52,12 @@ class LabServer:
 
     def __init__(self, folder: str | os.PathLike | None = None, app: str = "lab", *,
                  startup_timeout: float = 90.0, tmp_parent: str | os.PathLike | None = None,
-                 extra_args: list[str] | None = None):
+                 extra_args: list[str] | None = None, kernel_python: str | os.PathLike | None = None,
+                 kernel_env: dict[str, str] | None = None):
         if app not in self.APPS:
             raise ValueError(f"app must be one of {sorted(self.APPS)}, not {app!r}")
+        self.kernel_python = None if kernel_python is None else str(kernel_python)
+        self.kernel_env = dict(kernel_env or {})
         self.app, self.folder, self.startup_timeout = app, folder, startup_timeout
         self.tmp_parent, self.extra_args = tmp_parent, list(extra_args or [])
         self.token = "lensviz-test-" + os.urandom(8).hex()
@@ -80,18 +88,24 @@ class LabServer:
         nbset = h / "lab-settings" / "@jupyterlab" / "notebook-extension"
         nbset.mkdir(parents=True)
         (nbset / "tracker.jupyterlab-settings").write_text(json.dumps({"windowingMode": "none"}))
-        # One kernelspec, pinned to this interpreter (the venv), repo root importable.
-        ks = h / "data" / "kernels" / "python3"
+        # One kernelspec of its own name, pinned to this interpreter (the venv) with the repo root
+        # importable, or to `kernel_python`, isolated.
+        ks = h / "data" / "kernels" / KERNEL_NAME
         ks.mkdir(parents=True)
-        pp = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+        if self.kernel_python is None:
+            pp = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+            python, kernel_env = [sys.executable], {"PYTHONPATH": pp}
+        else:
+            python, kernel_env = [self.kernel_python, "-I"], {}
         (ks / "kernel.json").write_text(json.dumps({
-            "argv": [sys.executable, "-Xfrozen_modules=off", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+            "argv": python + ["-Xfrozen_modules=off", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
             "display_name": KERNEL_DISPLAY_NAME, "language": "python",
-            "env": {"PYTHONPATH": pp}, "metadata": {"debugger": False}}))
+            "env": {**kernel_env, **self.kernel_env}, "metadata": {"debugger": False}}))
         for d in ("config", "runtime", "ipython", "mpl", "workspaces"):
             (h / d).mkdir()
         env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("JUPYTER", "JPY_", "IPYTHON", "MPL"))}
+               if not k.startswith(("JUPYTER", "JPY_", "IPYTHON", "MPL"))
+               and not (self.kernel_python is not None and k == "PYTHONPATH")}
         env.update(JUPYTER_CONFIG_DIR=str(h / "config"), JUPYTER_DATA_DIR=str(h / "data"),
                    JUPYTER_RUNTIME_DIR=str(h / "runtime"), JUPYTER_PLATFORM_DIRS="1",
                    JUPYTER_PREFER_ENV_PATH="1", IPYTHONDIR=str(h / "ipython"), MPLCONFIGDIR=str(h / "mpl"),
@@ -105,6 +119,7 @@ class LabServer:
                 f"--port={self.port}", "--port-retries=0", f"--IdentityProvider.token={self.token}",
                 f"--ServerApp.root_dir={self.root}", "--allow-root",
                 "--KernelSpecManager.ensure_native_kernel=False",
+                f"--MultiKernelManager.default_kernel_name={KERNEL_NAME}",
                 "--ServerApp.shutdown_no_activity_timeout=0"]
         if self.app == "lab":
             argv += ["--LabApp.extension_manager=readonly",     # the default 'pypi' manager talks to PyPI
@@ -222,7 +237,7 @@ class LabServer:
 def write_notebook(path: str | os.PathLike, cells: list[str], **metadata) -> Path:
     """Write a code-cell notebook (sources as strings; a cell starting with "%%md" becomes markdown)."""
     nb = nbformat.v4.new_notebook()
-    nb.metadata.update({"kernelspec": {"name": "python3", "display_name": KERNEL_DISPLAY_NAME,
+    nb.metadata.update({"kernelspec": {"name": KERNEL_NAME, "display_name": KERNEL_DISPLAY_NAME,
                                        "language": "python"},
                         "language_info": {"name": "python"}}, **metadata)
     for src in cells:

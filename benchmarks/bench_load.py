@@ -1,0 +1,118 @@
+#!/usr/bin/env python
+"""Benchmark: `lv.load()` of the embedded SmolLM2 (a Q4_1 GGUF file), cold against warm, each sample a
+separate Python process (what a user's next notebook or script pays):
+
+  convert     lv.load(cache=False): de-quantise the GGUF file and convert its tokenizer (the only path
+              before the cache existed)
+  cold+store  lv.load() with an empty cache folder: convert, then write the cache entry
+  warm        lv.load() with the entry from the previous cold+store: read safetensors + tokenizer.json
+
+Reported per mode: median / min / max over the repetitions of the `lv.load()` call itself (after
+`import lensviz`), and of the whole process (interpreter start, imports, load, exit). The modes run
+round-robin (one of each per repetition) so a change in machine load hits all of them alike; the
+load average before and after is printed, since on a busy machine the figures are not worth much.
+
+    .venv/bin/python benchmarks/bench_load.py                 # --reps 5
+    .venv/bin/python benchmarks/bench_load.py --reps 3 --out benchmarks/results
+
+Writes benchmarks/results/load.md. Each process gets its own LENSVIZ_CACHE under a temporary folder;
+the user's cache is never touched.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+CHILD = """
+import json, time
+t0 = time.perf_counter()
+import lensviz as lv
+t1 = time.perf_counter()
+lens = lv.load(progress=False, cache={cache})
+t2 = time.perf_counter()
+assert lens.name == "SmolLM2-135M-Instruct (embedded)"
+print(json.dumps({{"import_s": t1 - t0, "load_s": t2 - t1}}))
+"""
+MODES = ("convert", "cold+store", "warm")
+
+
+def sample(cache_dir: Path, cache: bool) -> dict:
+    env = {**os.environ, "LENSVIZ_CACHE": str(cache_dir), "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+    t0 = time.perf_counter()
+    got = subprocess.run([sys.executable, "-c", CHILD.format(cache=cache)], env=env, capture_output=True,
+                         text=True, timeout=900)
+    wall = time.perf_counter() - t0
+    if got.returncode != 0:
+        raise SystemExit(f"the load failed:\n{got.stderr[-3000:]}")
+    return {**json.loads(got.stdout.strip().splitlines()[-1]), "process_s": wall, "warnings": got.stderr.count("Warning")}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--reps", type=int, default=5, help="processes per mode (default 5)")
+    ap.add_argument("--out", default=str(HERE / "results"), help="folder for load.md")
+    args = ap.parse_args()
+    load_before = os.getloadavg()
+    runs = {m: [] for m in MODES}
+    with tempfile.TemporaryDirectory(prefix="lv-bench-load-") as tmp:
+        for rep in range(args.reps):
+            fresh = Path(tmp) / f"cache-{rep}"
+            runs["convert"].append(sample(Path(tmp) / "unused", cache=False))
+            runs["cold+store"].append(sample(fresh, cache=True))
+            runs["warm"].append(sample(fresh, cache=True))
+            if rep:
+                shutil.rmtree(Path(tmp) / f"cache-{rep - 1}", ignore_errors=True)
+            print(f"rep {rep + 1}/{args.reps}: " + ", ".join(
+                f"{m} {runs[m][-1]['load_s']:.2f} s" for m in MODES), flush=True)
+        entry = next((Path(tmp) / f"cache-{args.reps - 1}" / "gguf").iterdir())
+        entry_mb = sum(f.stat().st_size for f in entry.iterdir()) / 1e6
+    load_after = os.getloadavg()
+
+    def stats(xs):
+        return f"{statistics.median(xs):.2f} | {min(xs):.2f} | {max(xs):.2f}"
+
+    import torch
+    import transformers
+
+    import lensviz as lv
+
+    lines = [
+        "# lv.load() of the embedded SmolLM2: cold against warm",
+        "",
+        f"{args.reps} separate processes per mode, round-robin; seconds. `load` = the `lv.load()` call after "
+        "`import lensviz`; `process` = the whole `python -c` run.",
+        "",
+        "| mode | load median | min | max | process median | min | max |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for m in MODES:
+        lines.append(f"| {m} | {stats([r['load_s'] for r in runs[m]])} | {stats([r['process_s'] for r in runs[m]])} |")
+    conv, cold = (statistics.median(r["load_s"] for r in runs[m]) for m in ("convert", "cold+store"))
+    lines += ["", f"cold+store / convert = {cold / conv:.2f}; warm / convert = "
+              f"{statistics.median(r['load_s'] for r in runs['warm']) / conv:.3f}; cache entry {entry_mb:.0f} MB; "
+              f"`import lensviz` median {statistics.median(r['import_s'] for rs in runs.values() for r in rs):.2f} s.",
+              f"Machine: {platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+              f"torch {torch.__version__}, transformers {transformers.__version__}, lensviz {lv.__version__}; "
+              f"load average {load_before[0]:.1f} before, {load_after[0]:.1f} after.", ""]
+    text = "\n".join(lines)
+    print(text)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "load.md").write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

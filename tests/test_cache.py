@@ -1,0 +1,213 @@
+"""The GGUF conversion cache (lensviz/cache.py): a stored entry reloads the very same model and
+tokenizer; a truncated, corrupt or half-written entry is detected, reported with one CacheWarning and
+rebuilt; an unwritable cache folder gives one warning and no crash; a lensviz / transformers version
+change makes a new entry and removes the old one. The tiny models stand in for a converted GGUF file
+(the cache keys on the source file's bytes, whatever they are); the last test runs lv.load() end to
+end on the embedded SmolLM2."""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+import pytest
+import torch
+
+import lensviz as lv
+from lensviz import cache
+from tests import models
+from tests.conftest import PROMPT
+
+
+@pytest.fixture
+def gguf(tmp_path):
+    path = tmp_path / "models" / "tiny.Q8_0.gguf"
+    path.parent.mkdir()
+    path.write_bytes(b"GGUF" + os.urandom(4096))
+    return path
+
+
+@pytest.fixture
+def root(tmp_path, monkeypatch):
+    folder = tmp_path / "cache"
+    monkeypatch.setenv(cache.ENV, str(folder))
+    return folder
+
+
+def _tiny(family="llama"):
+    return models.build(family, dtype=torch.float32), models.tokenizer()
+
+
+def _reload(entry):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(entry, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(entry)
+
+
+def _no_warnings(fn, *args):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", cache.CacheWarning)
+        return fn(*args)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])   # gpt2: tied input / output embeddings
+def test_an_entry_reloads_the_same_model_and_tokenizer(family, gguf, root):
+    model, tok = _tiny(family)
+    model.config._name_or_path = str(gguf.parent)           # where a GGUF load leaves it
+    assert _no_warnings(cache.lookup, gguf) is None          # a miss, silently
+    entry = _no_warnings(cache.store, gguf, model, tok)
+    assert entry.parent == root / "gguf" and entry.name.startswith("tiny.Q8_0-")
+    assert [p.name for p in entry.parent.iterdir()] == [entry.name]          # no temporary folder left
+    assert _no_warnings(cache.lookup, gguf) == entry
+    manifest = json.loads((entry / "entry.json").read_text())
+    assert manifest["gguf_sha256"] == cache.file_sha256(gguf) and manifest["lensviz"] == lv.__version__
+    config = json.loads((entry / "config.json").read_text())
+    assert "_name_or_path" not in config and "quantization_config" not in config
+    assert str(gguf.parent) not in (entry / "config.json").read_text()      # no path of the machine in it
+
+    again, tok2 = _reload(entry)
+    ids = tok(PROMPT, return_tensors="pt").input_ids
+    assert torch.equal(tok2(PROMPT, return_tensors="pt").input_ids, ids)
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, model(ids).logits)
+    if family == "gpt2":
+        assert again.lm_head.weight.data_ptr() == again.transformer.wte.weight.data_ptr()
+
+
+def test_the_cache_folder_follows_the_platform_and_the_env_var(tmp_path, monkeypatch):
+    monkeypatch.setenv(cache.ENV, str(tmp_path / "mine"))
+    assert cache.root() == tmp_path / "mine"
+    monkeypatch.delenv(cache.ENV)
+    monkeypatch.setattr(cache.sys, "platform", "linux")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache.root() == tmp_path / "xdg" / "lensviz"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache.root() == tmp_path / "home" / ".cache" / "lensviz"
+    monkeypatch.setattr(cache.sys, "platform", "darwin")
+    assert cache.root() == tmp_path / "home" / "Library" / "Caches" / "lensviz"
+    monkeypatch.setattr(cache.sys, "platform", "win32")
+    monkeypatch.setenv("LOCALAPPDATA", str(tmp_path / "local"))
+    assert cache.root() == tmp_path / "local" / "lensviz" / "Cache"
+
+
+def _damage_truncate(entry):
+    w = entry / cache.WEIGHTS
+    data = w.read_bytes()
+    w.write_bytes(data[: len(data) - 100])
+
+
+def _damage_flip(entry):          # same size, different bytes
+    t = entry / "tokenizer.json"
+    data = bytearray(t.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    t.write_bytes(bytes(data))
+
+
+def _damage_manifest(entry):
+    (entry / "entry.json").write_text("{not json")
+
+
+def _damage_missing(entry):
+    (entry / "config.json").unlink()
+
+
+def _damage_header(entry):         # bytes the safetensors header does not account for, manifest updated
+    w = entry / cache.WEIGHTS
+    with open(w, "ab") as f:
+        f.write(bytes(64))
+    manifest = json.loads((entry / "entry.json").read_text())
+    manifest["files"][cache.WEIGHTS]["size"] = w.stat().st_size
+    (entry / "entry.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("damage, says", [
+    (_damage_truncate, "truncated"), (_damage_flip, "sha256"), (_damage_manifest, "unreadable entry.json"),
+    (_damage_missing, "config.json is missing"), (_damage_header, "header accounts for")],
+    ids=["truncated", "flipped-byte", "bad-manifest", "missing-file", "header"])
+def test_a_damaged_entry_is_detected_and_rebuilt_with_a_warning(damage, says, gguf, root):
+    model, tok = _tiny()
+    entry = cache.store(gguf, model, tok)
+    damage(entry)
+    with pytest.warns(cache.CacheWarning, match=f"damaged.*{says}") as got:
+        assert cache.lookup(gguf) is None
+    assert len(got) == 1 and not entry.exists()           # removed, so the next store rebuilds it
+    assert _no_warnings(cache.store, gguf, model, tok) == entry
+    assert _no_warnings(cache.lookup, gguf) == entry
+    with torch.no_grad():
+        ids = tok(PROMPT, return_tensors="pt").input_ids
+        assert torch.equal(_reload(entry)[0](ids).logits, model(ids).logits)
+
+
+def test_an_unwritable_cache_folder_warns_once_and_does_not_crash(gguf, tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder should be")   # unwritable even for root
+    monkeypatch.setenv(cache.ENV, str(blocker))
+    model, tok = _tiny()
+    with pytest.warns(cache.CacheWarning, match="cannot write the model cache") as got:
+        assert cache.store(gguf, model, tok) is None
+        assert cache.store(gguf, model, tok) is None        # the second attempt stays quiet
+        assert cache.lookup(gguf) is None
+    assert len(got) == 1 and blocker.read_text().startswith("a file")
+
+
+def test_a_failed_write_leaves_no_entry_and_no_temporary_folder(gguf, root, monkeypatch):
+    model, tok = _tiny()
+
+    def broken(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tok, "save_pretrained", broken)
+    with pytest.warns(cache.CacheWarning, match="No space left"):
+        assert cache.store(gguf, model, tok) is None
+    assert list((root / "gguf").iterdir()) == []
+    assert _no_warnings(cache.lookup, gguf) is None
+
+
+def test_a_version_change_makes_a_new_entry_and_drops_the_old(gguf, root, monkeypatch):
+    model, tok = _tiny()
+    old = cache.store(gguf, model, tok)
+    real = cache.versions()
+    monkeypatch.setattr(cache, "versions", lambda: {**real, "transformers": real["transformers"] + ".post1"})
+    assert _no_warnings(cache.lookup, gguf) is None          # a miss, not damage
+    new = _no_warnings(cache.store, gguf, model, tok)
+    assert new != old and new.exists() and not old.exists()
+    monkeypatch.setattr(cache, "versions", lambda: {**real, "lensviz": "99.0"})
+    assert _no_warnings(cache.lookup, gguf) is None
+    assert old.parent.is_dir()
+
+
+def test_another_gguf_file_gets_its_own_entry(gguf, root):
+    model, tok = _tiny()
+    a = cache.store(gguf, model, tok)
+    other = gguf.with_name("tiny.Q8_0.gguf.copy")
+    other.write_bytes(gguf.read_bytes() + b"x")
+    assert cache.lookup(other) is None
+    b = cache.store(other, model, tok)
+    assert a.exists() and b.exists() and a != b
+
+
+@pytest.mark.slow
+def test_lv_load_converts_once_then_reads_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv(cache.ENV, str(tmp_path / "off"))
+    ref = lv.load(progress=False, cache=False)               # converts, leaves the cache alone
+    assert not (tmp_path / "off").exists()
+    monkeypatch.setenv(cache.ENV, str(tmp_path / "on"))
+    cold = lv.load(progress=False)                           # converts and stores
+    (entry,) = (tmp_path / "on" / "gguf").iterdir()
+    assert (entry / cache.WEIGHTS).stat().st_size > 500e6
+    warm = _no_warnings(lv.load, None)                       # reads safetensors + tokenizer.json
+    for lens in (ref, cold, warm):
+        assert lens.name == "SmolLM2-135M-Instruct (embedded)"
+        assert repr(lens).startswith("Lens('SmolLM2-135M-Instruct (embedded)', LlamaForCausalLM")
+    assert warm.model.config._name_or_path == str(entry)
+    t_ref, t_warm = ref.trace(PROMPT, target=" Florence"), warm.trace(PROMPT, target=" Florence")
+    assert t_ref.tokens == t_warm.tokens
+    assert torch.equal(t_ref.logits, t_warm.logits) and t_ref.loss == t_warm.loss
+    chat = [{"role": "user", "content": "Hi"}]
+    assert (ref.tokenizer.apply_chat_template(chat, tokenize=False)
+            == warm.tokenizer.apply_chat_template(chat, tokenize=False))
+    assert (ref.tokenizer.eos_token_id, ref.tokenizer.bos_token_id) == (warm.tokenizer.eos_token_id,
+                                                                        warm.tokenizer.bos_token_id)
+    half = lv.load(progress=False, dtype=torch.bfloat16)      # other dtypes load from the float32 entry
+    assert half.model.dtype == torch.bfloat16 and list((tmp_path / "on" / "gguf").iterdir()) == [entry]
