@@ -67,7 +67,8 @@ def _css() -> str:
         f"{s} table.s-grid th{{background:var(--s-bg);font-weight:normal;color:var(--s-muted);padding:0 2px;white-space:pre;text-align:left}}",
         f"{s} table.s-grid td{{text-align:left;border:1px solid var(--s-bg);padding:0 3px;white-space:pre}}",
         f"{s} .s-map{{image-rendering:pixelated;border:1px solid var(--s-line)}}",
-        f"{s} figure{{margin:0}} {s} figcaption{{color:var(--s-muted)}}",
+        f"{s} figure{{margin:0;min-width:0}} {s} figcaption{{color:var(--s-muted)}}",
+        f"{s} .s-gridfig{{flex:1 1 420px}} {s} .s-gridwrap{{overflow:auto;max-width:100%;max-height:480px}}",
     ]
     rules += [f"{s} .p{i}{{background:rgb{c};color:{_ink(c)}}}" for i, c in enumerate(LIGHT)]
     dark_vars = ("--s-fg:#e8e8e8;--s-bg:#1e1e1e;--s-muted:#a8a8a8;--s-line:#4a4a4a;--s-accent:#ff7ac6;"
@@ -92,7 +93,7 @@ def _e(s) -> str:
     return html.escape(str(s), quote=True)
 
 
-def _pct(p: float) -> str:
+def percent(p: float) -> str:
     return (f"{100 * p:.1f}" if p >= 0.1 else f"{100 * p:.2g}") + " %"
 
 
@@ -131,14 +132,14 @@ def snapshot_html(ex) -> str:
     parts.append(f'<div class="s-head"><b>lensviz Explorer</b> <span class="s-muted">· {_e(ex.model_name)} · '
                  f"{len(toks)} tokens · static snapshot: run the notebook for the interactive view</span></div>")
     parts.append(f'<div class="s-prompt">{_e(ex.prompt)}</div>')
-    line = (f'p(<b>{_e(_show(s["target"]))}</b>) = <span class="s-prob">{_pct(b["target_prob"])}</span> '
+    line = (f'p(<b>{_e(_show(s["target"]))}</b>) = <span class="s-prob">{percent(b["target_prob"])}</span> '
             f'rank {b["target_rank"]}')
     if d.get("prob_after") is not None:
         up = d["prob_after"] >= d["prob_before"]
         line += (f' <span class="{"s-up" if up else "s-down"}">{"▲" if up else "▼"} patched: '
-                 f'{_pct(d["prob_after"])} rank {d["rank_after"]} · KL {d["kl"]:.3f}</span>'
+                 f'{percent(d["prob_after"])} rank {d["rank_after"]} · KL {d["kl"]:.3f}</span>'
                  f' <code>{_e(ex.code)}</code>')
-    line += " · next: " + ", ".join(f"{_e(_show(t['token']))} {_pct(t['prob'])}" for t in s["top"][:3])
+    line += " · next: " + ", ".join(f"{_e(_show(t['token']))} {percent(t['prob'])}" for t in s["top"][:3])
     parts.append(f'<div class="s-line">{line}</div>')
     parts.append('<div class="s-strip">' + "".join(
         f'<span class="s-tok{" s-sel" if i == pos else ""}">{_e(_show(t))}</span>' for i, t in enumerate(toks)) + "</div>")
@@ -153,8 +154,9 @@ def snapshot_html(ex) -> str:
     for li in range(n_layers - 1, -1, -1):
         rows.append(f"<tr><th>L{li}</th>" + "".join(
             f'<td class="p{shade[li, j]}">{cells[str(ids[li, j])]}</td>' for j in range(t)) + "</tr>")
-    grid = (f'<figure><figcaption>Logit lens ({_e(meta["site"])}): top-1 token per layer and position, '
-            f'shaded by its probability</figcaption><table class="s-grid">{"".join(rows)}</table></figure>')
+    grid = (f'<figure class="s-gridfig"><figcaption>Logit lens ({_e(meta["site"])}): top-1 token per layer and position, '
+            f'shaded by its probability</figcaption><div class="s-gridwrap"><table class="s-grid">{"".join(rows)}</table>'
+            "</div></figure>")
 
     amap, (abuf,) = payload.attention_map(tr, layer, head, "forward")
     n = amap["n"]

@@ -131,6 +131,11 @@ function followTheme(ctx, el, util) {
 
 async function render({ model, el }) {
   el.classList.add("lv-explorer");
+  // Keys pressed inside the widget are the widget's: the host's notebook shortcuts (arrow keys move
+  // cells, Enter edits, Shift+Enter runs) must not fire as well. Escape still reaches the host.
+  el.setAttribute("data-lm-suppress-shortcuts", "true");
+  const keep = (e) => { if (e.key !== "Escape") e.stopPropagation(); };
+  el.addEventListener("keydown", keep);
   let mods;
   try { mods = await loadViews(model); } catch (e) {
     el.textContent = "lensviz: could not load the views: " + e; return;
@@ -194,7 +199,7 @@ async function render({ model, el }) {
   });
   mods.patches.mount(ctx, patchBox);
   show(views[model.get("tab")] ? model.get("tab") : "attention");
-  return () => ctx.dispose();
+  return () => { ctx.dispose(); el.removeEventListener("keydown", keep); };
 }
 
 export default { render };
