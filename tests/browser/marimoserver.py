@@ -55,6 +55,10 @@ class MarimoServer:
         h = self.home
         for d in ("config", "cache", "state", "data"):
             (h / d).mkdir()
+        # run every cell when the notebook opens (marimo edit), no AI, no update checks
+        (h / "config" / "marimo").mkdir()
+        (h / "config" / "marimo" / "marimo.toml").write_text(
+            "[runtime]\nauto_instantiate = true\n\n[completion]\ncopilot = false\nactivate_on_typing = false\n")
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MARIMO", "XDG_"))}
         pp = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
         env.update(HOME=str(h), XDG_CONFIG_HOME=str(h / "config"), XDG_CACHE_HOME=str(h / "cache"),
@@ -71,9 +75,9 @@ class MarimoServer:
         self.port = free_port()
         self._log = open(self.log_path, "ab")
         argv = [sys.executable, "-m", "marimo", self.mode, str(nb), "--headless", "--host", "127.0.0.1",
-                "--port", str(self.port), "--token-password", self.token, "--skip-update-check"]
+                "--port", str(self.port), "--token-password", self.token]
         if self.mode == "edit":
-            argv.append("--no-sandbox")
+            argv += ["--skip-update-check", "--no-sandbox"]
         self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      env=env, cwd=self.home, start_new_session=True)
         try:

@@ -53,7 +53,8 @@ PROPERTIES = ["font-family", "font-size", "font-weight", "line-height", "color",
               "background-image", "border-top-width", "border-top-style", "border-top-color", "border-radius",
               "padding-top", "padding-left", "margin-top", "margin-left", "height", "min-height",
               "box-shadow", "text-transform", "letter-spacing", "appearance", "accent-color", "cursor",
-              "outline-style", "box-sizing", "display"]
+              "outline-style", "box-sizing", "display", "word-spacing", "white-space", "font-feature-settings",
+              "color-scheme", "caret-color", "text-indent", "vertical-align"]
 
 _STYLES_JS = r"""(root, [controls, props]) => {
   const out = {};
