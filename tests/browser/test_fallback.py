@@ -155,6 +155,13 @@ def test_without_a_kernel_requests_say_so_within_a_second(tmp_path, browser, art
     root.locator(".lv-token").nth(2).click()
     expect(root.locator(".lv-cell.lv-colsel").first).to_have_attribute("data-pos", "2")
     page.screenshot(path=str(artifacts / "fallback-no-kernel.png"), full_page=True)
+    # changing tabs disposes the old view: the number of model listeners stays the same
+    count = "() => Object.values(window.__handlers).reduce((n, fs) => n + fs.length, 0)"
+    before = page.evaluate(count)
+    for tab in ["neurons", "reversed", "flow", "masks", "backward", "attention", "neurons", "attention"]:
+        root.locator(f'.lv-tab[data-tab="{tab}"]').click()
+        expect(root.locator(f".lv-view-{tab}")).to_have_count(1)
+    assert page.evaluate(count) == before
     # removing the view unregisters every model listener (ctx.on -> off)
     page.evaluate("() => window.__cleanup()")
     left = page.evaluate("() => Object.values(window.__handlers).reduce((n, fs) => n + fs.length, 0)")

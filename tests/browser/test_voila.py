@@ -9,6 +9,10 @@ from tests.browser.labserver import write_notebook
 from tests.browser.test_explorer import CELLS, expected_prob
 from tests.browser.voilaserver import VoilaServer
 
+VOILA_TEMPLATE_CDN = ("https://cdn.jsdelivr.net/npm/@fortawesome/", "https://cdnjs.cloudflare.com/ajax/libs/es6-shim/",
+                      "https://cdn.jsdelivr.net/npm/es6-shim", "https://unpkg.com/@fortawesome/",
+                      "https://cdnjs.cloudflare.com/ajax/libs/font-awesome/")
+
 
 @pytest.fixture
 def voila(tmp_path_factory, request):
@@ -47,4 +51,8 @@ def test_explorer_in_voila(tmp_path, voila, page, artifacts):
     ex.locator('.lv-tab[data-tab="reversed"]').click()
     expect(ex.locator(".lv-map-reversed")).to_be_visible()
     page.screenshot(path=str(artifacts / "voila.png"), full_page=True)
-    assert page.offsite == []
+    # Voilà's own page template asks CDNs for its stylesheets (Font Awesome, es6 shims); they fail
+    # here (no DNS) and change nothing. Nothing else may leave 127.0.0.1.
+    print("\nVoilà template's off-box requests:", page.offsite)
+    ours = [u for u in page.offsite if not u.startswith(VOILA_TEMPLATE_CDN)]
+    assert ours == []

@@ -19,7 +19,7 @@ export function mount(ctx, box) {
         "aria-label": `attention mask, ${n} by ${n}: ${allowed} allowed query-key pairs` });
       drawMap(canvas, n, (i, j) => meta.mask[i][j], (v) => green(v ? 0.75 : 0), px);
       const segs = (meta.segments || []).map((s, i) => h("span", { class: "lv-chip lv-segment" },
-        `segment ${i}: ${s.length ? s[0] + "–" + s[s.length - 1] : "empty"}`));
+        `segment ${i}: positions ${s[0]}–${s[1] - 1}`));
       const toks = meta.tokens.map((t, i) => h("span", { class: "lv-chip", title: `position ${i}`, text: clip(show(t), 10) }));
       body.replaceChildren(h("figure", { class: "lv-fig" }, canvas,
         h("figcaption", { class: "lv-mask-caption", text: `${allowed} of ${n * n} pairs allowed · ${(meta.segments || []).length} segment(s)` })),
