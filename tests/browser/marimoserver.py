@@ -37,11 +37,11 @@ class MarimoServer:
     MODES = ("edit", "run")
 
     def __init__(self, source: str, mode: str = "edit", *, name: str = "explorer_nb.py",
-                 startup_timeout: float = 90.0, tmp_parent=None):
+                 startup_timeout: float = 90.0, tmp_parent=None, theme: str = "light"):
         if mode not in self.MODES:
             raise ValueError(f"mode must be one of {self.MODES}, not {mode!r}")
         self.source, self.mode, self.name, self.startup_timeout = source, mode, name, startup_timeout
-        self.tmp_parent = tmp_parent
+        self.tmp_parent, self.theme = tmp_parent, theme
         self.token = "lensviz-test-" + os.urandom(8).hex()
         self.proc = None
         self.port = 0
@@ -58,7 +58,8 @@ class MarimoServer:
         # run every cell when the notebook opens (marimo edit), no AI, no update checks
         (h / "config" / "marimo").mkdir()
         (h / "config" / "marimo" / "marimo.toml").write_text(
-            "[runtime]\nauto_instantiate = true\n\n[completion]\ncopilot = false\nactivate_on_typing = false\n")
+            "[runtime]\nauto_instantiate = true\n\n[completion]\ncopilot = false\nactivate_on_typing = false\n"
+            f'\n[display]\ntheme = "{self.theme}"\n')
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MARIMO", "XDG_"))}
         pp = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
         env.update(HOME=str(h), XDG_CONFIG_HOME=str(h / "config"), XDG_CACHE_HOME=str(h / "cache"),

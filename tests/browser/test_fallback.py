@@ -18,6 +18,7 @@ from lensviz.views import snapshot
 from lensviz.views.explorer import STATIC
 from tests import models
 from tests.browser.labserver import REPO, write_notebook
+from tests.browser.pagecheck import contrast_report
 from tests.conftest import PROMPT
 
 XSS = '<img src=x onerror="window.__xss=1"><script>window.__xss=2</script> of'
@@ -162,9 +163,55 @@ def test_without_a_kernel_requests_say_so_within_a_second(tmp_path, browser, art
         root.locator(f'.lv-tab[data-tab="{tab}"]').click()
         expect(root.locator(f".lv-view-{tab}")).to_have_count(1)
     assert page.evaluate(count) == before
+    # VS Code's dark theme (body.vscode-dark, --vscode-editor-background) is followed at once
+    page.evaluate("""() => { document.body.style.setProperty('--vscode-editor-background', '#1f1f1f');
+                             document.body.classList.add('vscode-dark'); }""")
+    expect(root).to_have_attribute("data-lv-theme", "dark")
+    assert root.evaluate("e => getComputedStyle(e).backgroundColor") == "rgb(31, 31, 31)"
+    low = [r for r in contrast_report(root) if r["ratio"] < 4.5]
+    assert not low, low[:5]
+    page.evaluate("() => document.body.classList.replace('vscode-dark', 'vscode-light')")
+    expect(root).to_have_attribute("data-lv-theme", "light")
     # removing the view unregisters every model listener (ctx.on -> off)
     page.evaluate("() => window.__cleanup()")
     left = page.evaluate("() => Object.values(window.__handlers).reduce((n, fs) => n + fs.length, 0)")
     assert left == 0
     assert ctx.blocked == []
     ctx.close()
+
+
+PALETTE_JS = """async (src) => {
+  const u = await import(URL.createObjectURL(new Blob([src], { type: "text/javascript" })));
+  const out = {};
+  for (const dark of [false, true]) {
+    u.setTheme(dark);
+    const ts = Array.from({ length: 11 }, (_, i) => i / 10);
+    const key = dark ? "dark" : "light";
+    out[key] = {
+      green: ts.map((t) => u.luminance(u.green(t))), purple: ts.map((t) => u.luminance(u.purple(t))),
+      blue: ts.map((t) => u.luminance(u.blue(t))),
+      neg: ts.map((t) => u.luminance(u.diverging(-t))), pos: ts.map((t) => u.luminance(u.diverging(t))),
+      ends: [u.diverging(-1), u.diverging(1)],
+    };
+  }
+  return out;
+}"""
+
+
+def test_palettes_carry_the_value_in_lightness(browser, tmp_path):
+    """Colour-blind safe scales: each sequential scale (and each half of the diverging one) changes
+    lightness monotonically from one end to the other, in both themes, with a wide range; the
+    diverging ends are red and blue (told apart by red-green colour-blind readers)."""
+    page = browser.new_page()
+    page.goto("about:blank")
+    out = page.evaluate(PALETTE_JS, (STATIC / "util.js").read_text())
+    for theme, scales in out.items():
+        for name in ("green", "purple", "blue", "neg", "pos"):
+            lum = scales[name]
+            steps = [b - a for a, b in zip(lum, lum[1:])]
+            assert all(s < 0 for s in steps) or all(s > 0 for s in steps), (theme, name, lum)
+            hi, lo = max(lum), min(lum)
+            assert (hi + 0.05) / (lo + 0.05) >= 3.0, (theme, name, lum)   # strong to weak: >= 3:1
+        red, blue = (tuple(int(x) for x in c[4:-1].split(",")) for c in scales["ends"])
+        assert red[0] > red[2] and blue[2] > blue[0], scales["ends"]
+    page.close()

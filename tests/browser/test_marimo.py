@@ -9,7 +9,7 @@ from playwright.sync_api import expect
 
 from tests.browser.labserver import REPO, open_notebook, run_all, write_notebook
 from tests.browser.marimoserver import MarimoServer, marimo_notebook
-from tests.browser.pagecheck import CONTROLS, control_styles
+from tests.browser.pagecheck import CONTROLS, contrast_report, control_styles
 from tests.browser.test_explorer import CELLS, expected_prob
 from tests.conftest import PROMPT
 
@@ -24,8 +24,8 @@ SOURCE = marimo_notebook([
 def marimo(tmp_path_factory, request):
     servers = []
 
-    def start(mode):
-        s = MarimoServer(SOURCE, mode=mode, tmp_parent=tmp_path_factory.mktemp(f"marimo-{mode}")).start()
+    def start(mode, theme="light"):
+        s = MarimoServer(SOURCE, mode=mode, theme=theme, tmp_parent=tmp_path_factory.mktemp(f"marimo-{mode}")).start()
         servers.append(s)
         return s
 
@@ -111,3 +111,17 @@ def test_controls_are_styled_the_same_in_jupyterlab_and_marimo(tmp_path, lab, ma
     assert in_lab["run"]["border-top-style"] == "solid" and in_lab["run"]["background-color"] != "rgba(0, 0, 0, 0)"
     assert in_lab["text"]["border-top-width"] == "1px" and in_lab["textarea"]["border-top-style"] == "solid"
     page.screenshot(path=str(artifacts / "marimo-controls.png"))
+
+
+def test_marimo_dark_theme(marimo, page, artifacts):
+    """marimo's dark theme (.dark): the Explorer follows it and its text passes WCAG AA."""
+    server = marimo("run", theme="dark")
+    page.goto(server.url)
+    ex = page.locator(".lv-explorer").first
+    expect(ex.locator(".lv-map-forward")).to_be_visible(timeout=120_000)
+    expect(ex).to_have_attribute("data-lv-theme", "dark")
+    report = contrast_report(ex)
+    low = [r for r in report if r["ratio"] < 4.5]
+    assert len(report) > 20 and not low, low[:8]
+    print(f"\nmarimo dark: lowest text contrast {min(r['ratio'] for r in report):.2f}")
+    page.screenshot(path=str(artifacts / "marimo-dark.png"), full_page=True)
