@@ -16,10 +16,10 @@ from ..checks import SITES, check_index, check_int, check_number
 from ..errors import LensvizError
 from ..lens import Lens
 from ..trace import Trace
-from . import payload
+from . import payload, snapshot
 
 STATIC = pathlib.Path(__file__).parent / "static"
-VIEW_MODULES = ("util", "tokens", "logitlens", "attention", "neurons", "backward", "flow", "patches")
+VIEW_MODULES = ("util", "tokens", "logitlens", "attention", "neurons", "backward", "flow", "masks", "patches")
 GRADIENT_TABS = ("reversed", "backward", "flow")
 TABS = ("attention", "reversed", "neurons", "backward", "flow", "masks")
 
@@ -127,6 +127,15 @@ class Explorer(anywidget.AnyWidget):
         n = len(self.trace) if self.trace is not None else 0
         return f"Explorer({self.lens.arch}, {n} tokens, target={self.summary.get('target')!r}, patches={len(self.patches)})"
 
+    def _repr_mimebundle_(self, **kwargs):
+        """The widget view plus a static snapshot (``text/html``) for front ends without widget JS:
+        nbconvert HTML, GitHub, documentation builds. Front ends with a widget manager show the widget."""
+        bundle = super()._repr_mimebundle_(**kwargs)
+        data = bundle[0] if isinstance(bundle, tuple) else bundle      # (data, metadata) or data
+        if isinstance(data, dict) and self.trace is not None:
+            data["text/html"] = snapshot.snapshot_html(self)
+        return bundle
+
     # running ---------------------------------------------------------------------------------------
     @classmethod
     def from_trace(cls, trace, **kwargs) -> "Explorer":
@@ -228,6 +237,8 @@ class Explorer(anywidget.AnyWidget):
         if not isinstance(content, dict):
             return
         kind = content.get("type")
+        # Tell the browser at once that a kernel has the message (it says so itself when none answers).
+        self.send({"type": "ack", "id": content.get("id"), "seq": content.get("seq")})
         if kind == "run":
             def go():
                 self.run(content.get("prompt"), content.get("target", ""), content.get("patches", []))

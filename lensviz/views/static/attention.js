@@ -1,10 +1,18 @@
 // Attention and Reversed Attention: per-head norm grid (click selects layer and head), the selected
 // layer's head thumbnails, and one large T x T map (triangle masked; RA on a diverging scale).
 export function mount(ctx, box, kind) {
-  const { h, show, clip, f32, u8, i8, green, diverging, drawMap } = ctx.util;
+  const { h, show, clip, f32, u8, i8, green, purple, diverging, drawMap, markerColour, gridKeys } = ctx.util;
   const m = ctx.model;
-  let alive = true, both = false, token = 0;
+  let both = false, token = 0;
+  const alive = ctx.alive;
   const norms = h("div", { class: "lv-norms" });
+  norms.addEventListener("keydown", (e) => {
+    const meta = m.get("norms_meta"), sel = m.get("selection") || {};
+    if (!meta || !meta.shape) return;
+    const [, L, H] = meta.shape;
+    gridKeys(e, (dr, dc) => ctx.select({ layer: Math.max(0, Math.min(L - 1, sel.layer - dr)),
+      head: Math.max(0, Math.min(H - 1, sel.head + dc)) }));
+  });
   const thumbs = h("div", { class: "lv-thumbs" });
   const bigs = h("div", { class: "lv-bigs" });
   const note = h("div", { class: "lv-note" });
@@ -19,19 +27,24 @@ export function mount(ctx, box, kind) {
     const [, L, H] = meta.shape, all = f32(m.get("norms")), off = kind === "reversed" ? L * H : 0;
     const sel = m.get("selection") || {};
     let max = 0; for (let i = 0; i < L * H; i++) max = Math.max(max, all[off + i]);
-    const rows = [h("tr", {}, h("th", { text: "" }), ...Array.from({ length: H }, (_, k) => h("th", { text: "H" + k })))];
+    const refocus = norms.contains(document.activeElement);
+    const rows = [h("tr", {}, h("th", { text: "", role: "columnheader" }), ...Array.from({ length: H }, (_, k) => h("th", { role: "columnheader", text: "H" + k })))];
     for (let l = L - 1; l >= 0; l--) {
-      const cells = [h("th", { text: "L" + l })];
+      const cells = [h("th", { role: "rowheader", text: "L" + l })];
       for (let k = 0; k < H; k++) {
         const v = all[off + l * H + k], t = max > 0 ? v / max : 0;
-        cells.push(h("td", { class: "lv-norm-cell" + (l === sel.layer && k === sel.head ? " lv-selected" : ""),
+        const on = l === sel.layer && k === sel.head;
+        cells.push(h("td", { class: "lv-norm-cell" + (on ? " lv-selected" : ""), role: "gridcell",
+          tabindex: on ? "0" : "-1", "aria-selected": String(on), "aria-label": `layer ${l} head ${k}: norm ${v.toPrecision(3)}`,
           "data-layer": l, "data-head": k, title: `L${l}H${k}: ${v.toPrecision(3)}`,
-          style: { background: kind === "reversed" ? `rgba(84,39,143,${t})` : green(t) },
+          style: { background: kind === "reversed" ? purple(t) : green(t) },
           onclick: () => ctx.select({ layer: l, head: k }) }));
       }
       rows.push(h("tr", {}, ...cells));
     }
-    norms.replaceChildren(h("table", { class: "lv-norm-grid" }, ...rows));
+    norms.replaceChildren(h("table", { class: "lv-norm-grid", role: "grid",
+      "aria-label": `${kind === "reversed" ? "Reversed Attention" : "attention"} norm per layer (rows) and head (columns)` }, ...rows));
+    if (refocus) { const f = norms.querySelector('td[tabindex="0"]'); if (f) f.focus(); }
     const ranked = [];
     for (let l = 0; l < L; l++) for (let k = 0; k < H; k++) ranked.push([all[off + l * H + k], l, k]);
     ranked.sort((a, b) => b[0] - a[0]);
@@ -44,10 +57,11 @@ export function mount(ctx, box, kind) {
     const sel = m.get("selection") || {}, my = ++token;
     try {
       const { meta, buffers } = await ctx.request("thumbs", { layer: sel.layer, kind });
-      if (!alive || my !== token) return;
+      if (!alive() || my !== token) return;
       const vals = meta.dtype === "u8" ? u8(buffers[0]) : i8(buffers[0]), n = meta.n, px = Math.max(1, Math.floor(48 / n));
       thumbs.replaceChildren(...Array.from({ length: meta.heads }, (_, k) => {
-        const c = h("canvas", { class: "lv-thumb" + (k === sel.head ? " lv-selected" : ""), title: `L${sel.layer}H${k}`, "data-head": k });
+        const c = h("canvas", { class: "lv-thumb" + (k === sel.head ? " lv-selected" : ""), title: `L${sel.layer}H${k}`, "data-head": k,
+          role: "img", "aria-label": `head ${k} of layer ${sel.layer} (thumbnail)` });
         drawMap(c, n, (i, j) => vals[k * n * n + i * n + j] / (meta.dtype === "u8" ? 255 : 127),
           meta.dtype === "u8" ? green : diverging, px);
         c.addEventListener("click", () => ctx.select({ head: k }));
@@ -60,10 +74,11 @@ export function mount(ctx, box, kind) {
     const { meta, buffers } = await ctx.request("attention", { layer: sel.layer, head: sel.head, kind: k });
     const n = meta.n, vals = meta.dtype === "u8" ? u8(buffers[0]) : i8(buffers[0]);
     const px = Math.max(2, Math.min(24, Math.floor(420 / n)));
-    const canvas = h("canvas", { class: "lv-map lv-map-" + k, "data-layer": sel.layer, "data-head": sel.head });
+    const canvas = h("canvas", { class: "lv-map lv-map-" + k, "data-layer": sel.layer, "data-head": sel.head, role: "img",
+      "aria-label": `${k === "forward" ? "attention" : "Reversed Attention"} map of layer ${sel.layer} head ${sel.head}, ${n} by ${n}, rows are queries` });
     drawMap(canvas, n, (i, j) => vals[i * n + j] / (meta.dtype === "u8" ? 255 : 127), k === "forward" ? green : diverging, px);
     const g = canvas.getContext("2d");
-    if (sel.position !== undefined) { g.strokeStyle = "#f0a"; g.lineWidth = 2; g.strokeRect(0, sel.position * px, (sel.position + 1) * px, px); }
+    if (sel.position !== undefined) { g.strokeStyle = markerColour(); g.lineWidth = 2; g.strokeRect(0, sel.position * px, (sel.position + 1) * px, px); }
     canvas.addEventListener("click", (e) => {
       const r = canvas.getBoundingClientRect(), i = Math.floor((e.clientY - r.top) / px);
       if (i >= 0 && i < n) ctx.select({ position: i });
@@ -81,12 +96,10 @@ export function mount(ctx, box, kind) {
       const kinds = kind === "reversed" && both ? ["forward", "reversed"] : [kind];
       const figs = [];
       for (const k of kinds) figs.push(await oneMap(k, sel));
-      if (alive && my === token) bigs.replaceChildren(...figs);
-    } catch (e) { if (alive) bigs.textContent = String(e.message || e); }
+      if (alive() && my === token) bigs.replaceChildren(...figs);
+    } catch (e) { if (alive()) bigs.textContent = String(e.message || e); }
   }
   const redraw = () => { drawNorms(); drawThumbs().then(drawBig); };
-  const onSel = redraw, onNorms = redraw;
-  m.on("change:selection", onSel); m.on("change:norms", onNorms);
+  ctx.on("change:selection", redraw); ctx.on("change:norms", redraw); ctx.on("lv:theme", redraw);
   redraw();
-  return { destroy() { alive = false; m.off("change:selection", onSel); m.off("change:norms", onNorms); } };
 }

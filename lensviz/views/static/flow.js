@@ -7,9 +7,10 @@ const svg = (tag, attrs = {}) => {
   return el;
 };
 export function mount(ctx, box) {
-  const { h, show, clip, rankColour } = ctx.util;
+  const { h, show, clip, rankColour, maskedColour } = ctx.util;
   const m = ctx.model;
-  let alive = true, token = 0;
+  let token = 0;
+  const alive = ctx.alive;
   const layersIn = h("input", { type: "text", class: "lv-flow-layers", size: 10, "aria-label": "layers",
     placeholder: "layers, e.g. 27 28 29" });
   const body = h("div", { class: "lv-flow-body" });
@@ -22,9 +23,9 @@ export function mount(ctx, box) {
     body.textContent = "computing…";
     try {
       const { meta } = await ctx.request("flow", { position: sel.position, layers: chosen });
-      if (!alive || my !== token) return;
+      if (!alive() || my !== token) return;
       body.replaceChildren(drawGraph(meta));
-    } catch (e) { if (alive) body.textContent = String(e.message || e); }
+    } catch (e) { if (alive()) body.textContent = String(e.message || e); }
   }
   function drawGraph(g) {
     // layout: rows by node "row" (layer-major, sublayer-minor), columns in order of appearance
@@ -33,7 +34,7 @@ export function mount(ctx, box) {
     const order = [...rows.keys()].sort((a, b) => b - a);
     const W = 900, rowH = 70, pos = new Map();
     order.forEach((r, i) => { const ns = rows.get(r); ns.forEach((n, j) => pos.set(n.id, [40 + (j + 0.5) * (W - 80) / ns.length, 30 + i * rowH])); });
-    const root = svg("svg", { class: "lv-flow", width: W, height: 40 + order.length * rowH, viewBox: `0 0 ${W} ${40 + order.length * rowH}` });
+    const root = svg("svg", { class: "lv-flow", role: "img", "aria-label": `flow graph: ${g.nodes.length} nodes, ${g.edges.length} edges`, width: W, height: 40 + order.length * rowH, viewBox: `0 0 ${W} ${40 + order.length * rowH}` });
     let maxW = 0; for (const e of g.edges) maxW = Math.max(maxW, Math.abs(e.weight));
     for (const e of g.edges) {
       const a = pos.get(e.source), b = pos.get(e.target); if (!a || !b) continue;
@@ -45,8 +46,8 @@ export function mount(ctx, box) {
     for (const n of g.nodes) {
       const [x, y] = pos.get(n.id);
       const grp = svg("g", { class: "lv-node lv-node-" + (n.kind || ""), transform: `translate(${x},${y})`, "data-id": n.id });
-      const vocab = (m.get("summary") || {}).vocab_size || 50000;
-      const c = svg("circle", { r: 9, fill: n.target_rank === undefined ? "#ccc" : rankColour(n.target_rank, vocab) });
+      const vocab = (m.get("summary") || {}).vocab_size || 2;
+      const c = svg("circle", { r: 9, fill: n.target_rank === undefined ? maskedColour() : rankColour(n.target_rank, vocab) });
       const label = svg("text", { y: -12, "text-anchor": "middle", class: "lv-node-label" });
       label.textContent = clip(show(n.label ?? ""), 10);
       const t = svg("title");
@@ -57,7 +58,6 @@ export function mount(ctx, box) {
     return root;
   }
   const redraw = () => draw();
-  m.on("change:selection", redraw); m.on("change:summary", redraw);
+  ctx.on("change:selection", redraw); ctx.on("change:summary", redraw); ctx.on("lv:theme", redraw);
   draw();
-  return { destroy() { alive = false; m.off("change:selection", redraw); m.off("change:summary", redraw); } };
 }

@@ -3,7 +3,8 @@
 export function mount(ctx, box) {
   const { h, show, pct } = ctx.util;
   const m = ctx.model;
-  let alive = true, token = 0;
+  let token = 0;
+  const alive = ctx.alive;
   const body = h("div", { class: "lv-neuron-body" });
   const q = h("input", { type: "search", class: "lv-search", placeholder: "which value vectors promote… (token)", "aria-label": "search value vectors" });
   const hits = h("div", { class: "lv-hits" });
@@ -33,25 +34,24 @@ export function mount(ctx, box) {
     try {
       const include = (m.get("patches") || []).filter((p) => p.type === "neuron" && p.layer === sel.layer).map((p) => p.neuron);
       const { meta } = await ctx.request("neurons", { layer: sel.layer, position: sel.position, include });
-      if (!alive || my !== token) return;
+      if (!alive() || my !== token) return;
       const rows = meta.subupdates.map((s) => {
         const p = patched(meta.layer, s.neuron);
         return h("tr", { class: "lv-neuron", "data-neuron": s.neuron },
           h("td", { text: `L${meta.layer} #${s.neuron}` }),
           h("td", { class: "lv-num", text: s.coef.toFixed(3) }), h("td", { class: "lv-num", text: s.score.toFixed(3) }),
           h("td", { class: "lv-tok", text: s.tokens.map(show).join(" ") }),
-          h("td", {}, h("button", { class: "lv-toggle" + (p && p.mode !== "on" ? " lv-active" : ""), "data-neuron": s.neuron,
+          h("td", {}, h("button", { type: "button", "aria-pressed": String(!!(p && p.mode !== "on")), "aria-label": `switch L${meta.layer} #${s.neuron} off`, class: "lv-toggle" + (p && p.mode !== "on" ? " lv-active" : ""), "data-neuron": s.neuron,
             text: p && p.mode !== "on" ? "off ✓" : "off", onclick: () => toggle(meta.layer, s.neuron, p && p.mode !== "on" ? null : "off") }),
-            h("button", { class: "lv-toggle-on" + (p && p.mode === "on" ? " lv-active" : ""), text: p && p.mode === "on" ? "on ✓" : "on",
+            h("button", { type: "button", "aria-pressed": String(!!(p && p.mode === "on")), "aria-label": `switch L${meta.layer} #${s.neuron} on`, class: "lv-toggle-on" + (p && p.mode === "on" ? " lv-active" : ""), text: p && p.mode === "on" ? "on ✓" : "on",
               onclick: () => toggle(meta.layer, s.neuron, p && p.mode === "on" ? null : "on") })));
       });
       body.replaceChildren(h("div", { class: "lv-note", text: `layer ${meta.layer}, position ${meta.position}` }),
         preds("before the MLP", meta.before), preds("after", meta.after),
         h("table", { class: "lv-neuron-table" }, h("tr", {}, ...["value", "m", "|m|·‖v‖", "tokens of m·v", ""].map((t) => h("th", { text: t }))), ...rows));
-    } catch (e) { if (alive) body.textContent = String(e.message || e); }
+    } catch (e) { if (alive()) body.textContent = String(e.message || e); }
   }
   const redraw = () => draw();
-  m.on("change:selection", redraw); m.on("change:summary", redraw); m.on("change:patches", redraw);
+  for (const k of ["selection", "summary", "patches"]) ctx.on("change:" + k, redraw);
   draw();
-  return { destroy() { alive = false; for (const k of ["selection", "summary", "patches"]) m.off("change:" + k, redraw); } };
 }

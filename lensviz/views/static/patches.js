@@ -51,7 +51,7 @@ export function mount(ctx, box) {
   const sync = () => {
     const ps = m.get("patches") || [];
     const att = ps.find((p) => p.type === "attention");
-    if (document.activeElement !== eta) { eta.value = att ? att.eta : 0; etaOut.textContent = String(eta.value); }
+    if (document.activeElement !== eta || !m.get("patches")) { eta.value = att ? att.eta : 0; etaOut.textContent = String(eta.value); }
     seg.checked = ps.some((p) => p.type === "segments");
     const tk = ps.find((p) => p.type === "topk"); topk.checked = !!tk; if (tk) k.value = tk.k;
     chips.replaceChildren(...ps.map((p, i) => h("span", { class: "lv-chip lv-patch-chip", "data-type": p.type },
@@ -61,6 +61,7 @@ export function mount(ctx, box) {
     : p.type === "ablate" ? `ablate L${p.layer}H${p.heads.join(",")}`
     : p.type === "neuron" ? `L${p.layer} #${p.neuron} ${p.mode === "on" ? "on" : "= " + p.value}`
     : p.type === "topk" ? `top-${p.k} attention` : "segment mask";
-  m.on("change:patches", sync);
+  ctx.on("change:patches", sync);
+  ctx.on("lv:restore", () => { eta.blur(); sync(); });
   sync();
 }

@@ -4,7 +4,7 @@ export function mount(ctx, header, strip) {
   const m = ctx.model;
   const prompt = h("textarea", { class: "lv-prompt", rows: 2, "aria-label": "prompt" });
   const target = h("input", { class: "lv-target", type: "text", placeholder: "(model's top-1)", "aria-label": "target" });
-  const runBtn = h("button", { class: "lv-run", text: "Run" });
+  const runBtn = h("button", { class: "lv-run", type: "button", text: "Run" });
   const status = h("div", { class: "lv-status", role: "status" });
   const pred = h("div", { class: "lv-pred" });
   const error = h("div", { class: "lv-error", role: "alert" });
@@ -28,7 +28,7 @@ export function mount(ctx, header, strip) {
       " rank ", h("span", { class: "lv-target-rank", text: String(b.target_rank) })));
     if (d && d.prob_after !== undefined) {
       const up = d.prob_after >= d.prob_before;
-      pred.append(h("span", { class: "lv-diff " + (up ? "lv-up" : "lv-down") }, " → patched: ",
+      pred.append(h("span", { class: "lv-diff " + (up ? "lv-up" : "lv-down") }, up ? " ▲" : " ▼", " patched: ",
         h("span", { class: "lv-patched-prob", "data-prob": d.prob_after, text: pct(d.prob_after) }),
         " rank ", h("span", { class: "lv-patched-rank", text: String(d.rank_after) }),
         ` · KL ${d.kl.toFixed(3)} · top-1 ${show(d.top1_after)} · ${d.changes.length} cells changed`));
@@ -38,30 +38,39 @@ export function mount(ctx, header, strip) {
   };
   const syncError = () => { error.textContent = m.get("error"); };
 
+  // Token strip: a toolbar of buttons with one tab stop (the selected token); arrow keys / Home /
+  // End move the selection, Shift+arrow extends a range, Enter / Space activate (select) a token.
+  strip.setAttribute("role", "toolbar");
+  strip.setAttribute("aria-label", "tokens (arrow keys move the selected position)");
   const syncStrip = () => {
     const toks = m.get("tokens"), sel = m.get("selection") || {};
     const [a, b] = sel.range || [sel.position, sel.position];
+    const refocus = strip.contains(document.activeElement);
     strip.replaceChildren(...toks.map((t, i) => h("button", {
       class: "lv-token" + (i >= Math.min(a, b) && i <= Math.max(a, b) ? " lv-selected" : ""),
       "data-pos": i, title: `position ${i}: ${JSON.stringify(t)}`, text: show(t),
+      tabindex: i === sel.position ? "0" : "-1", "aria-pressed": String(i === sel.position),
+      "aria-label": `token ${i}: ${JSON.stringify(t)}`,
       onclick: (e) => {
         if (e.shiftKey) ctx.select({ range: [sel.position, i] });
         else ctx.select({ position: i, range: null });
       },
     })));
+    if (refocus) { const f = strip.querySelector('[tabindex="0"]'); if (f) f.focus(); }
   };
-  strip.setAttribute("tabindex", "0");
   strip.addEventListener("keydown", (e) => {
     const sel = m.get("selection"), n = m.get("tokens").length;
-    if (e.key === "ArrowLeft" || e.key === "ArrowRight") {
-      e.preventDefault();
-      const p = Math.max(0, Math.min(n - 1, sel.position + (e.key === "ArrowLeft" ? -1 : 1)));
-      ctx.select({ position: p, range: null });
-    }
+    const step = { ArrowLeft: -1, ArrowRight: 1, Home: -Infinity, End: Infinity }[e.key];
+    if (step === undefined) return;
+    e.preventDefault();
+    const p = Math.max(0, Math.min(n - 1, sel.position + step));
+    if (e.shiftKey) ctx.select({ position: p, range: [(sel.range || [sel.position])[0], p] });
+    else ctx.select({ position: p, range: null });
   });
-  for (const k of ["prompt", "target", "summary", "base_summary", "diff", "status"]) m.on("change:" + k, syncHeader);
-  m.on("change:error", syncError);
-  m.on("change:tokens", syncStrip);
-  m.on("change:selection", syncStrip);
+  for (const k of ["prompt", "target", "summary", "base_summary", "diff", "status"]) ctx.on("change:" + k, syncHeader);
+  ctx.on("change:error", syncError);
+  ctx.on("change:tokens", syncStrip);
+  ctx.on("change:selection", syncStrip);
+  ctx.on("lv:restore", syncHeader);
   syncHeader(); syncStrip(); syncError();
 }
