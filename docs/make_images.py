@@ -44,7 +44,7 @@ def main() -> int:
     save(plot.target_rank_by_layer(tr, sign=-1), "target_rank_by_layer")
     save(plot.flow_graph(tr, position=-1, layers=[lens.n_layers - 2, lens.n_layers - 1]), "flow_graph")
 
-    # attention patching sweep (research §1.7): self-patching with RA vs the forward-map control
+    # attention patching sweep (Reversed Attention, Katz & Wolf): self-patching with RA vs the forward-map control
     etas = [-40, -20, -10, -5, -2, -1, -0.5, 0, 0.5, 1, 2]
     forward_maps = {layer: tr.attention(layer) for layer in range(lens.n_layers)}
     nll = {"P = RA (self-patching)": [], "P = A (control)": []}

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextvars
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Callable, Mapping
 
 import torch
@@ -254,10 +253,9 @@ class Recorder:
         for name in FORWARD_SITES:
             for layer in range(reuse_upto):
                 sites[name][layer] = reused.at(name, layer)
-        return Recording(sites=MappingProxyType({n: tuple(v) for n, v in sites.items()}), logits=logits,
-                         target_id=target_id, loss=loss,
+        return Recording(sites={n: tuple(v) for n, v in sites.items()}, logits=logits, target_id=target_id, loss=loss,
                          layer_losses=None if layer_losses is None else tuple(layer_losses),
-                         attn_edits=MappingProxyType(dict(self.attn_edits)))
+                         attn_edits=dict(self.attn_edits))
 
 
 @contextmanager

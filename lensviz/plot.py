@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from .checks import check_index, check_layer_list
+from .checks import check_index, check_int, check_layer_list
 from .errors import LensvizError
 
 __all__ = ["attention", "reversed_attention", "compare_maps", "head_norms", "logit_lens", "backward_lens",
@@ -271,8 +271,7 @@ def logit_lens(trace, site: str = "post", k: int = 1, colour: str = "prob", laye
 
     if colour not in ("prob", "rank"):
         raise LensvizError(f"colour must be 'prob' or 'rank', got {colour!r}")
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 5:
-        raise LensvizError(f"k must be an int in [1, 5] (tokens written per cell), got {k!r}")
+    check_int(k, "k (tokens written per cell)", 1, 5)
     rows = check_layer_list(layers, trace.n_layers)
     top = trace.logit_lens(k=k, site=site)
     toks = top.tokens

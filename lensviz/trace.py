@@ -15,7 +15,7 @@ import torch
 from .attention import (attention_probs, causal_allowed, edited_probs, edited_scores, repeat_kv, softcap_slope,
                         softmax_rows)
 from .capture import Recording
-from .checks import SITES, check_index, check_layer_list, check_site  # noqa: F401  (SITES, check_layer_list: re-exported)
+from .checks import check_index, check_site
 from .errors import LensvizError
 from .hf import module_device
 from .vocab import TopK, project

@@ -2,10 +2,15 @@
 model with nbval's lax mode (`pytest --nbval-lax`): every cell must run without an error, and the
 cells marked `# NBVAL_CHECK_OUTPUT` (deterministic facts such as "negative eta lowers the NLL: True")
 must print what the saved notebook shows. Each notebook runs in its own pytest process and kernel.
-Regenerate a notebook with `.venv/bin/python notebooks/make_notebooks.py NN`.
+The notebooks are built from percent-format sources (notebooks/src/NN_name.py): those are linted
+(pyflakes), their lensviz imports must resolve, and each saved notebook must hold exactly the cells of
+its source. Regenerate a notebook with `.venv/bin/python notebooks/build.py NN`.
 """
 from __future__ import annotations
 
+import ast
+import importlib
+import importlib.util
 import os
 import subprocess
 import sys
@@ -26,8 +31,60 @@ def _read(path: Path):
     return nbformat.read(path, as_version=4)
 
 
+SOURCES = sorted((ROOT / "notebooks" / "src").glob("[0-9][0-9]_*.py"))
+
+
+def _builder():
+    spec = importlib.util.spec_from_file_location("lensviz_notebook_build", ROOT / "notebooks" / "build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_there_are_at_least_eight_notebooks():
     assert len(NOTEBOOKS) >= 8, [p.name for p in NOTEBOOKS]
+    assert [p.stem for p in SOURCES] == [p.stem for p in NOTEBOOKS], "one source in notebooks/src per notebook"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_saved_notebook_holds_the_cells_of_its_source(path):
+    build = _builder()
+    cells = build.parse((ROOT / "notebooks" / "src" / f"{path.stem}.py").read_text(encoding="utf-8"))
+    saved = [("md" if c.cell_type == "markdown" else "code", c.source) for c in _read(path).cells]
+    assert saved == cells, f"{path.name} is out of date: run `.venv/bin/python notebooks/build.py {path.stem[:2]}`"
+
+
+def test_parse_restores_magics_and_inverts_to_source():
+    build = _builder()
+    cells = [("md", "# Title\n\ntext"), ("code", "%load_ext lensviz\nx = 1"), ("code", "%%lensviz --target \" a\"\nA prompt")]
+    text = build.to_source(cells, "# header")
+    assert "\n# %load_ext lensviz\n" in text and "\n# A prompt\n" in text  # magics and their bodies commented
+    assert build.parse(text) == cells
+    compile(text, "<source>", "exec")  # the source is plain Python
+
+
+def test_sources_are_lint_clean():
+    result = subprocess.run([sys.executable, "-m", "pyflakes", *map(str, SOURCES)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: p.stem)
+def test_source_lensviz_imports_and_names_resolve(path):
+    import lensviz as lv
+
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lensviz"):
+            module = importlib.import_module(node.module)
+            for alias in node.names:
+                assert hasattr(module, alias.name) or importlib.util.find_spec(f"{node.module}.{alias.name}"), \
+                    f"{path.name}: from {node.module} import {alias.name} does not resolve"
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("lensviz"):
+                    importlib.import_module(alias.name)
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "lv":
+            assert hasattr(lv, node.attr), f"{path.name}: lv.{node.attr} does not exist"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..checks import check_index, check_index_list, check_layer_list
+from ..checks import check_index, check_index_list, check_int, check_layer_list
 from ..errors import LensvizError
 from ..hf import module_device
 from ..vocab import TopK
@@ -263,8 +263,7 @@ def imprint_tokens(trace, layer: int, k: int = 10, *, neurons=None, top: int = 5
     u = -(grad.vjps.T @ grad.inputs)  # [F, D]: row n = -sum_i delta_i[n] x_i
     norms = u.norm(dim=-1)
     if neurons is None:
-        if isinstance(top, bool) or not isinstance(top, int) or not 1 <= top <= u.shape[0]:
-            raise LensvizError(f"top must be an int in [1, {u.shape[0]}], got {top!r}")
+        check_int(top, "top", 1, u.shape[0])
         idx = norms.topk(top).indices
     else:
         idx = torch.tensor(check_index_list(neurons, u.shape[0], "neurons", "neuron", sort=False), dtype=torch.long)

@@ -199,8 +199,7 @@ def factored_top_pairs(a: torch.Tensor, b: torch.Tensor, k: int, *, row_ids=None
     row_ids [R] / col_ids [C] label rows/columns (token ids) for exclude_same (drop M[i, j] where the
     labels agree). Returns values [n], rows [n], cols [n] (positions in a / b), n = min(k, entries
     left), best first."""
-    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
-        raise LensvizError(f"block must be a positive int, got {block!r}")
+    check_int(block, "block", 1)
     sign = -1.0 if bottom else 1.0
     if exclude_same:
         row_ids = torch.arange(a.shape[0]) if row_ids is None else torch.as_tensor(row_ids)

@@ -326,8 +326,8 @@ class ValueIndex:
         """Value vectors promoting the queried token(s), best first (by the token's rank in the value's
         projection, then |logit|): a list of {"layer", "dim", "label", "rank", "logit", "sign",
         "token_id", "token"} (sign -1: a bottom-k hit, promoted when m_i < 0). limit=None returns all."""
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
-            raise LensvizError(f"limit must be None or an int >= 0, got {limit!r}")
+        if limit is not None:
+            limit = check_int(limit, "limit", 0)
         found = self.lookup(query)
         if limit is not None:
             found = {name: t[:limit] for name, t in found.items()}

@@ -1,7 +1,7 @@
 """Fixtures for real-browser widget tests (headless Debian Chromium + Playwright + a local Jupyter).
 
     from playwright.sync_api import expect
-    from tests.browser.labserver import open_notebook, run_all, write_notebook
+    from harness.browser import open_notebook, run_all, write_notebook
 
     def test_my_widget(tmp_path, lab, page, artifacts):
         write_notebook(tmp_path / "w.ipynb", ["import lensviz as lv", "w = MyWidget(); w"])
@@ -23,13 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.browser.labserver import LabServer, open_notebook, run_all, wait_kernel_idle, write_notebook  # noqa: F401
-
-CHROMIUM = os.environ.get("LENSVIZ_CHROMIUM", "/usr/bin/chromium")   # override only to test this conftest
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 # every non-local host name fails inside Chromium: no DNS query leaves the machine
-                 "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE localhost , EXCLUDE 127.0.0.1"]
+from harness.browser import (CHROMIUM, CHROMIUM_ARGS, LabServer, open_notebook, run_all,  # noqa: F401
+                             wait_kernel_idle, write_notebook)
 ARTIFACTS = Path(__file__).parent / "artifacts"
 HERE = Path(__file__).parent.resolve()
 _LOCAL = re.compile(r"^(https?|wss?)://(127\.0\.0\.1|localhost)(:\d+)?(/|$)")

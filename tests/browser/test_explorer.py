@@ -12,7 +12,7 @@ from playwright.sync_api import expect
 
 import lensviz as lv
 from tests import models
-from tests.browser.labserver import open_notebook, run_all, write_notebook
+from harness.browser import open_notebook, run_all, write_notebook
 from tests.conftest import PROMPT
 
 XSS = '<img src=x onerror="window.__xss=1"><script>window.__xss=2</script> of'

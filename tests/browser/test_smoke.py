@@ -10,7 +10,7 @@ import pytest
 from playwright.sync_api import expect
 
 import lensviz
-from tests.browser.labserver import open_notebook, run_all, write_notebook
+from harness.browser import open_notebook, run_all, write_notebook
 
 pytestmark = pytest.mark.browser     # (conftest marks every test here anyway)
 

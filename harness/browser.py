@@ -1,4 +1,5 @@
-"""A throw-away JupyterLab / Notebook 7 server for browser tests, plus page helpers.
+"""The browser harness shared by tests/browser and benchmarks/bench_widget.py: a throw-away JupyterLab /
+Notebook 7 server, page helpers, and the headless Chromium to drive them with.
 
     with LabServer("path/to/notebooks") as lab:            # JupyterLab  (lab.url + "lab/tree/x.ipynb")
     with LabServer(folder, app="notebook") as lab:         # Notebook 7  (lab.url + "notebooks/x.ipynb")
@@ -14,7 +15,8 @@ The kernelspec has its own name (``KERNEL_NAME``), so no ``python3`` kernelspec 
 environment (which wins over ours under JUPYTER_PREFER_ENV_PATH=1) can stand in for it.
 
 No news, no update checks, no extension manager talking to PyPI, no notifications: nothing but
-127.0.0.1. See /work/shared/research/browser-testing.md for the recipe this follows.
+127.0.0.1. Chromium (Debian's /usr/bin/chromium, `CHROMIUM`) runs with `CHROMIUM_ARGS`: no sandbox
+(root in containers), no GPU, no background networking, and every host name but localhost unresolvable.
 """
 from __future__ import annotations
 
@@ -33,7 +35,12 @@ from pathlib import Path
 
 import nbformat
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = os.environ.get("LENSVIZ_CHROMIUM", "/usr/bin/chromium")   # override only to test the browser set-up
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 # every non-local host name fails inside Chromium: no DNS query leaves the machine
+                 "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE localhost , EXCLUDE 127.0.0.1"]
 KERNEL_DISPLAY_NAME = "Python 3 (ipykernel)"
 KERNEL_NAME = "lensviz-test"     # not "python3": a venv's share/jupyter/kernels/python3 would shadow it
 
