@@ -19,7 +19,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from tests.browser.labserver import REPO, free_port
+from harness.browser import REPO, free_port
 
 
 def marimo_notebook(cells: list[str]) -> str:

@@ -7,7 +7,7 @@ import json
 
 from playwright.sync_api import expect
 
-from tests.browser.labserver import open_notebook, run_all, write_notebook
+from harness.browser import open_notebook, run_all, write_notebook
 from tests.browser.pagecheck import contrast_report
 from tests.browser.test_explorer import CELLS
 

@@ -17,7 +17,7 @@ import lensviz as lv
 from lensviz.views import snapshot
 from lensviz.views.explorer import STATIC
 from tests import models
-from tests.browser.labserver import REPO, write_notebook
+from harness.browser import REPO, write_notebook
 from tests.browser.pagecheck import contrast_report
 from tests.conftest import PROMPT
 

@@ -9,7 +9,7 @@ import re
 import pytest
 from playwright.sync_api import expect
 
-from tests.browser.labserver import open_notebook, run_all, write_notebook
+from harness.browser import open_notebook, run_all, write_notebook
 from tests.browser.pagecheck import focused
 from tests.browser.test_explorer import CELLS, expected_prob
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from playwright.sync_api import expect
 
-from tests.browser.labserver import REPO, open_notebook, run_all, write_notebook
+from harness.browser import REPO, open_notebook, run_all, write_notebook
 from tests.browser.marimoserver import MarimoServer, marimo_notebook
 from tests.browser.pagecheck import CONTROLS, contrast_report, control_styles
 from tests.browser.test_explorer import CELLS, expected_prob

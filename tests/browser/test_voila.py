@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from playwright.sync_api import expect
 
-from tests.browser.labserver import write_notebook
+from harness.browser import write_notebook
 from tests.browser.test_explorer import CELLS, expected_prob
 from tests.browser.voilaserver import VoilaServer
 

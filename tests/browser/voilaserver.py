@@ -10,7 +10,7 @@ import socket
 import sys
 import time
 
-from tests.browser.labserver import LabServer
+from harness.browser import LabServer
 
 
 class VoilaServer(LabServer):
