@@ -13,7 +13,7 @@ round-robin (one of each per repetition) so a change in machine load hits all of
 load average before and after is printed, since on a busy machine the figures are not worth much.
 
     .venv/bin/python benchmarks/bench_load.py                 # --reps 5
-    .venv/bin/python benchmarks/bench_load.py --reps 3 --out benchmarks/results
+    .venv/bin/python benchmarks/bench_load.py --reps 5 --cold-reps 2 --out benchmarks/results
 
 Writes benchmarks/results/load.md. Each process gets its own LENSVIZ_CACHE under a temporary folder;
 the user's cache is never touched.
@@ -62,21 +62,26 @@ def sample(cache_dir: Path, cache: bool) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reps", type=int, default=5, help="processes per mode (default 5)")
+    ap.add_argument("--cold-reps", type=int, default=None,
+                    help="processes for the two converting modes (default: --reps; they take ~15-30 s each)")
     ap.add_argument("--out", default=str(HERE / "results"), help="folder for load.md")
     args = ap.parse_args()
     load_before = os.getloadavg()
+    cold_reps = max(1, min(args.reps, args.reps if args.cold_reps is None else args.cold_reps))
     runs = {m: [] for m in MODES}
     with tempfile.TemporaryDirectory(prefix="lv-bench-load-") as tmp:
+        filled = None
         for rep in range(args.reps):
-            fresh = Path(tmp) / f"cache-{rep}"
-            runs["convert"].append(sample(Path(tmp) / "unused", cache=False))
-            runs["cold+store"].append(sample(fresh, cache=True))
-            runs["warm"].append(sample(fresh, cache=True))
-            if rep:
-                shutil.rmtree(Path(tmp) / f"cache-{rep - 1}", ignore_errors=True)
+            if rep < cold_reps:
+                runs["convert"].append(sample(Path(tmp) / "unused", cache=False))
+                if filled is not None:
+                    shutil.rmtree(filled, ignore_errors=True)
+                filled = Path(tmp) / f"cache-{rep}"
+                runs["cold+store"].append(sample(filled, cache=True))
+            runs["warm"].append(sample(filled, cache=True))
             print(f"rep {rep + 1}/{args.reps}: " + ", ".join(
-                f"{m} {runs[m][-1]['load_s']:.2f} s" for m in MODES), flush=True)
-        entry = next((Path(tmp) / f"cache-{args.reps - 1}" / "gguf").iterdir())
+                f"{m} {runs[m][-1]['load_s']:.2f} s" for m in MODES if len(runs[m]) == rep + 1), flush=True)
+        entry = next((filled / "gguf").iterdir())
         entry_mb = sum(f.stat().st_size for f in entry.iterdir()) / 1e6
     load_after = os.getloadavg()
 
@@ -91,14 +96,15 @@ def main() -> int:
     lines = [
         "# lv.load() of the embedded SmolLM2: cold against warm",
         "",
-        f"{args.reps} separate processes per mode, round-robin; seconds. `load` = the `lv.load()` call after "
+        "n separate processes per mode, round-robin; seconds. `load` = the `lv.load()` call after "
         "`import lensviz`; `process` = the whole `python -c` run.",
         "",
-        "| mode | load median | min | max | process median | min | max |",
-        "|---|---|---|---|---|---|---|",
+        "| mode | n | load median | min | max | process median | min | max |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for m in MODES:
-        lines.append(f"| {m} | {stats([r['load_s'] for r in runs[m]])} | {stats([r['process_s'] for r in runs[m]])} |")
+        lines.append(f"| {m} | {len(runs[m])} | {stats([r['load_s'] for r in runs[m]])} | "
+                     f"{stats([r['process_s'] for r in runs[m]])} |")
     conv, cold = (statistics.median(r["load_s"] for r in runs[m]) for m in ("convert", "cold+store"))
     lines += ["", f"cold+store / convert = {cold / conv:.2f}; warm / convert = "
               f"{statistics.median(r['load_s'] for r in runs['warm']) / conv:.3f}; cache entry {entry_mb:.0f} MB; "

@@ -187,17 +187,34 @@ def test_another_gguf_file_gets_its_own_entry(gguf, root):
     assert a.exists() and b.exists() and a != b
 
 
+def test_lv_load_asks_the_cache_only_for_a_local_gguf_file_and_not_with_cache_false(gguf, root, monkeypatch):
+    from lensviz import loading
+
+    asked = []
+    monkeypatch.setattr(loading, "embedded_model_file", lambda: (gguf.parent, gguf.name))
+    monkeypatch.setattr(cache, "lookup", lambda path, folder=None: asked.append(path))
+    monkeypatch.setattr(cache, "store", lambda *a, **k: pytest.fail("nothing was converted, nothing to store"))
+    with pytest.raises(lv.LensvizError, match="could not read the config"):   # random bytes are no GGUF file
+        lv.load(progress=False, cache=False)
+    assert asked == []
+    with pytest.raises(lv.LensvizError, match="could not read the config"):
+        lv.load(progress=False)
+    assert asked == [gguf]
+    with pytest.raises(lv.LensvizError):
+        lv.load(str(gguf.parent), gguf_file=gguf.name, progress=False)   # a GGUF file in a local folder too
+    assert asked == [gguf, gguf]
+    with pytest.raises(lv.LensvizError, match="cache must be True or False"):
+        lv.load(cache="yes")
+
+
 @pytest.mark.slow
 def test_lv_load_converts_once_then_reads_the_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv(cache.ENV, str(tmp_path / "off"))
-    ref = lv.load(progress=False, cache=False)               # converts, leaves the cache alone
-    assert not (tmp_path / "off").exists()
     monkeypatch.setenv(cache.ENV, str(tmp_path / "on"))
-    cold = lv.load(progress=False)                           # converts and stores
+    ref = lv.load(progress=False)                            # converts and stores
     (entry,) = (tmp_path / "on" / "gguf").iterdir()
     assert (entry / cache.WEIGHTS).stat().st_size > 500e6
     warm = _no_warnings(lv.load, None)                       # reads safetensors + tokenizer.json
-    for lens in (ref, cold, warm):
+    for lens in (ref, warm):
         assert lens.name == "SmolLM2-135M-Instruct (embedded)"
         assert repr(lens).startswith("Lens('SmolLM2-135M-Instruct (embedded)', LlamaForCausalLM")
     assert warm.model.config._name_or_path == str(entry)

@@ -18,7 +18,8 @@ import pytest
 import lensviz as lv
 
 REPO = Path(__file__).resolve().parents[1]
-STATIC = sorted(p.name for p in (REPO / "lensviz" / "views" / "static").iterdir() if p.is_file())
+STATIC = sorted(p.relative_to(REPO / "lensviz" / "views" / "static").as_posix()
+                for p in (REPO / "lensviz" / "views" / "static").rglob("*") if p.is_file() and "__pycache__" not in p.parts)
 SKIP = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", "artifacts",
                               ".pytest_cache", "benchmarks", "notebooks", "docs")
 
