@@ -93,6 +93,13 @@ def test_saved_widget_state_without_metadata_falls_back(tmp_path):
     assert cleared.count('class="lv-snapshot"') == 1
 
 
+HOST_CONTROLS = ('<div id="host"><button>host</button><input type="text" value="x"><textarea>t</textarea>'
+                 '<select><option>o</option></select><input type="checkbox"><table><tr><td>c</td></tr></table>'
+                 '<label>l</label><canvas width="4" height="4"></canvas></div>')
+HOST_STYLES_JS = """() => [...document.querySelectorAll('#host *')].map((e) => {
+  const cs = getComputedStyle(e); return [e.tagName, cs.cssText || [...cs].map((p) => p + ':' + cs.getPropertyValue(p)).join(';')]; })"""
+
+
 def mute_page(tmp_path, ex) -> str:
     """The Explorer's own JS on a model whose send() goes nowhere, as in a saved-state page."""
     state = {k: ({"$b64": base64.b64encode(bytes(v)).decode()} if isinstance(v, (bytes, memoryview)) else v)
@@ -101,6 +108,7 @@ def mute_page(tmp_path, ex) -> str:
     state_json = json.dumps(state).replace("</", "<\\/")
     esm_json = json.dumps((STATIC / "explorer.js").read_text()).replace("</", "<\\/")
     page = f"""<!DOCTYPE html><html><head><meta charset="utf-8"><style>{css}</style></head><body>
+{HOST_CONTROLS}
 <div id="root"></div>
 <script type="application/json" id="state">{state_json}</script>
 <script type="application/json" id="esm">{esm_json}</script>
@@ -170,12 +178,18 @@ def test_without_a_kernel_requests_say_so_within_a_second(tmp_path, browser, art
     assert root.evaluate("e => getComputedStyle(e).backgroundColor") == "rgb(31, 31, 31)"
     low = [r for r in contrast_report(root) if r["ratio"] < 4.5]
     assert not low, low[:5]
-    page.evaluate("() => document.body.classList.replace('vscode-dark', 'vscode-light')")
+    page.evaluate("""() => { document.body.classList.replace('vscode-dark', 'vscode-light');
+                             document.body.style.removeProperty('--vscode-editor-background'); }""")
     expect(root).to_have_attribute("data-lv-theme", "light")
     # removing the view unregisters every model listener (ctx.on -> off)
     page.evaluate("() => window.__cleanup()")
     left = page.evaluate("() => Object.values(window.__handlers).reduce((n, fs) => n + fs.length, 0)")
     assert left == 0
+    # nothing leaks into the host page: its own controls look exactly as on a page without lensviz
+    with_lv = page.evaluate(HOST_STYLES_JS)
+    bare = ctx.new_page()
+    bare.set_content(f"<!DOCTYPE html><html><head><meta charset='utf-8'></head><body>{HOST_CONTROLS}</body></html>")
+    assert bare.evaluate(HOST_STYLES_JS) == with_lv
     assert ctx.blocked == []
     ctx.close()
 

@@ -123,4 +123,16 @@ def test_keyboard_only(tmp_path, lab, page, artifacts):
     page.screenshot(path=str(artifacts / "keyboard-topk.png"), full_page=True)
     # Lab's own shortcuts did not fire: still one code cell selected, no cell added or run
     assert page.locator(".jp-Notebook .jp-Cell").count() == 2
+
+    # the kernel goes away: a slider move says so within a second, the controls return to the state shown
+    for k in server.api("api/kernels"):
+        server.api(f"api/kernels/{k['id']}", method="DELETE")
+    expect(page.locator(".jp-StatusBar-TextItem", has_text="| Idle")).to_have_count(0, timeout=30_000)
+    slider = ex.locator(".lv-eta")
+    slider.focus()
+    page.keyboard.press("ArrowLeft")
+    expect(ex.locator(".lv-kernel-note")).to_contain_text("No Python kernel answered", timeout=1500)
+    expect(ex).not_to_have_class(re.compile(r"\blv-busy\b"), timeout=1000)
+    expect(slider).to_have_value("0")
+    page.screenshot(path=str(artifacts / "keyboard-no-kernel.png"), full_page=True)
     assert page.offsite == []

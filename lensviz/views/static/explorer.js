@@ -154,7 +154,7 @@ async function render({ model, el }) {
   const patchBox = h("div", { class: "lv-patchbox", role: "group", "aria-label": "patches" });
   main.append(left, right);
   right.append(tabs, panel);
-  el.replaceChildren(header, ctx.kernelNote, strip, main, patchBox);
+  el.replaceChildren(header, strip, main, patchBox, ctx.kernelNote);   // the note sticks to the bottom of the view
 
   mods.tokens.mount(ctx, header, strip);
   mods.logitlens.mount(ctx, left);
