@@ -544,6 +544,10 @@ def _lens_calls(lens, tr):
         "payload_flow": lambda: payload.flow_graph(tr, len(tr) - 1),
         "payload_value_search": lambda: payload.value_search(lens, " Paris"),
         "compare": lambda: lv.compare(tr, lens.trace(PROMPT, target=TARGET, patches=[lv.HeadAblation(0, 0)])),
+        "shift_edit": lambda: lens.trace(PROMPT, target=TARGET, patches=[lv.ShiftEdit(1, 0.5)]),
+        "activation_patch": lambda: lens.trace(PROMPT, target=TARGET, patches=[lv.ActivationPatch(tr, 1, "mid")]),
+        "self_patching": lambda: lens.trace(PROMPT, target=TARGET, patches=[lv.AttentionPatch(-1.0)], base=tr),
+        "layer_causal": lambda: lens.trace(PROMPT, target=TARGET, gradient="layer_causal"),
     }
 
 
@@ -556,6 +560,9 @@ def test_every_lens_works_or_names_what_blocks_it(family, runs):
             call()
         except lv.LensvizError as err:
             refused[name] = str(err)
+    parallel = lens.adapter.is_parallel(lens.model.config)
+    if parallel:  # "mid" is not a tensor of a parallel block: ActivationPatch at "mid" is refused, saying so
+        assert "parallel" in refused.pop("activation_patch")
     if CONFIGS[family].get("moe"):
         assert refused and all("mixture-of-experts" in m for m in refused.values()), refused
     else:
