@@ -679,3 +679,27 @@ def test_expert_neuron_patch_equals_zeroed_value_vectors(family, lenses):
     assert torch.allclose(scaled.logits, base.logits, atol=1e-12, rtol=0)  # scaling by 1 changes nothing
     with pytest.raises(lv.LensvizError, match="expert"):
         lens.trace(PROMPT, patches=[lv.NeuronPatch(layer, neurons, expert=99)])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_adapter_paths_and_sizes_match_the_module_tree(family, lenses):
+    from tests.test_adapters import BLOCK_PARTS
+
+    lens = lenses(family)
+    ad, model, dims = lens.adapter, lens.model, lens.dims
+    for path in (ad.embed, ad.blocks, ad.final_norm, ad.unembed):
+        model.get_submodule(path)
+    assert len(ad.blocks_of(model)) == dims.n_layers
+    for layer in range(dims.n_layers):
+        for name in BLOCK_PARTS + ("post_attn_norm", "post_mlp_norm", "router", "experts"):
+            if getattr(ad, name) is not None:
+                ad.blocks_of(model)[layer].get_submodule(getattr(ad, name))
+    w = lens.attention_weights(0)
+    assert w["q"].shape == (dims.n_heads, dims.d_model, dims.d_head)
+    assert w["k"].shape == w["v"].shape == (dims.n_kv_heads, dims.d_model, dims.d_head)
+    assert w["o"].shape == (dims.n_heads, dims.d_head, dims.d_model)
+    if not ad.moe:
+        assert ad.as_in_out(lens.weight(0, "mlp_out")).shape == (dims.d_mlp, dims.d_model)
+        ff1 = ad.as_in_out(lens.weight(0, "mlp_in")).shape
+        assert ff1 == (dims.d_model, (2 if ad.gate_up else 1) * dims.d_mlp)
+    assert model.get_submodule(ad.unembed).weight.shape[0] == dims.vocab_size
