@@ -33,6 +33,7 @@ MODULES = [
     ("lensviz.lenses.backward", "Backward Lens"),
     ("lensviz.lenses.visit", "VISIT flow graph"),
     ("lensviz.lenses.neurons", "LM-Debugger: neurons and value search"),
+    ("lensviz.lenses.experts", "Mixture-of-experts neurons"),
     ("lensviz.lenses.embedding_space", "Parameters in embedding space"),
     ("lensviz.lenses.composition", "Talking Heads: composition and SVD channels"),
     ("lensviz.studies.icl", "In-context learning vs gradient descent (SimAOU, SimAM)"),
@@ -328,8 +329,8 @@ def render_architectures() -> str:
     for a in _FAMILIES:
         par = a.parallel_residual if isinstance(a.parallel_residual, bool) else f"config `{a.parallel_residual}`"
         suite = "; ".join(f"{n} ({knobs[n] or 'defaults'})" for n in suite_of.get(a.family, [])) or "-"
-        applies = ("all but the neuron-level ones (MLP neurons, value search, Backward Lens FF matrices, "
-                   "NeuronPatch): LensvizError" if a.moe else "all")
+        applies = ("all; neurons per expert (`lenses.experts`, `NeuronPatch(expert=)`); the dense neuron views, "
+                   "value search and Backward Lens FF matrices raise LensvizError" if a.moe else "all")
         lines.append(f"| [{a.family}](#{anchor(FAMILY_NOTES.get(a.family, {}).get('title', a.family))}) | "
                      f"{', '.join(a.model_types)} | {a.norm} | {a.rotary} | {par} | {a.qkv_split or 'no'} | "
                      f"{'; '.join(_maths(a)) or '-'} | {suite} | {applies} |")

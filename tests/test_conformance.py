@@ -544,6 +544,10 @@ def _lens_calls(lens, tr):
         "payload_flow": lambda: payload.flow_graph(tr, len(tr) - 1),
         "payload_value_search": lambda: payload.value_search(lens, " Paris"),
         "compare": lambda: lv.compare(tr, lens.trace(PROMPT, target=TARGET, patches=[lv.HeadAblation(0, 0)])),
+        "shift_edit": lambda: lens.trace(PROMPT, target=TARGET, patches=[lv.ShiftEdit(1, 0.5)]),
+        "activation_patch": lambda: lens.trace(PROMPT, target=TARGET, patches=[lv.ActivationPatch(tr, 1, "mid")]),
+        "self_patching": lambda: lens.trace(PROMPT, target=TARGET, patches=[lv.AttentionPatch(-1.0)], base=tr),
+        "layer_causal": lambda: lens.trace(PROMPT, target=TARGET, gradient="layer_causal"),
     }
 
 
@@ -556,6 +560,9 @@ def test_every_lens_works_or_names_what_blocks_it(family, runs):
             call()
         except lv.LensvizError as err:
             refused[name] = str(err)
+    parallel = lens.adapter.is_parallel(lens.model.config)
+    if parallel:  # "mid" is not a tensor of a parallel block: ActivationPatch at "mid" is refused, saying so
+        assert "parallel" in refused.pop("activation_patch")
     if CONFIGS[family].get("moe"):
         assert refused and all("mixture-of-experts" in m for m in refused.values()), refused
     else:
@@ -672,3 +679,27 @@ def test_expert_neuron_patch_equals_zeroed_value_vectors(family, lenses):
     assert torch.allclose(scaled.logits, base.logits, atol=1e-12, rtol=0)  # scaling by 1 changes nothing
     with pytest.raises(lv.LensvizError, match="expert"):
         lens.trace(PROMPT, patches=[lv.NeuronPatch(layer, neurons, expert=99)])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_adapter_paths_and_sizes_match_the_module_tree(family, lenses):
+    from tests.test_adapters import BLOCK_PARTS
+
+    lens = lenses(family)
+    ad, model, dims = lens.adapter, lens.model, lens.dims
+    for path in (ad.embed, ad.blocks, ad.final_norm, ad.unembed):
+        model.get_submodule(path)
+    assert len(ad.blocks_of(model)) == dims.n_layers
+    for layer in range(dims.n_layers):
+        for name in BLOCK_PARTS + ("post_attn_norm", "post_mlp_norm", "router", "experts"):
+            if getattr(ad, name) is not None:
+                ad.blocks_of(model)[layer].get_submodule(getattr(ad, name))
+    w = lens.attention_weights(0)
+    assert w["q"].shape == (dims.n_heads, dims.d_model, dims.d_head)
+    assert w["k"].shape == w["v"].shape == (dims.n_kv_heads, dims.d_model, dims.d_head)
+    assert w["o"].shape == (dims.n_heads, dims.d_head, dims.d_model)
+    if not ad.moe:
+        assert ad.as_in_out(lens.weight(0, "mlp_out")).shape == (dims.d_mlp, dims.d_model)
+        ff1 = ad.as_in_out(lens.weight(0, "mlp_in")).shape
+        assert ff1 == (dims.d_model, (2 if ad.gate_up else 1) * dims.d_mlp)
+    assert model.get_submodule(ad.unembed).weight.shape[0] == dims.vocab_size

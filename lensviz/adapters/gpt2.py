@@ -6,7 +6,8 @@ attention function, which capture records per layer.
 from .base import Adapter
 
 
-def _d_mlp(config) -> int:
+def d_mlp_n_inner(config) -> int:
+    """F = n_inner, or 4 * d_model where it is unset (GPT-2, GPT-J)."""
     return int(config.n_inner or 4 * config.hidden_size)
 
 
@@ -29,5 +30,5 @@ ADAPTER = Adapter(
     weight_layout="conv1d",
     norm="layernorm",
     rotary=False,
-    d_mlp=_d_mlp,
+    d_mlp=d_mlp_n_inner,
 )

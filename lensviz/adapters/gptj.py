@@ -2,10 +2,7 @@
 each head with interleaved pairs (capture records q, k after it), separate q/k/v/out projections
 without bias, GELU MLP `fc_in` -> `fc_out`, unembedding with a bias."""
 from .base import Adapter
-
-
-def _d_mlp(config) -> int:
-    return int(config.n_inner or 4 * config.n_embd)
+from .gpt2 import d_mlp_n_inner
 
 
 ADAPTER = Adapter(
@@ -27,6 +24,6 @@ ADAPTER = Adapter(
     v_proj="attn.v_proj",
     norm="layernorm",
     parallel_residual=True,
-    d_mlp=_d_mlp,
+    d_mlp=d_mlp_n_inner,
     notes="parallel block; partial interleaved rotary (rotary_dim)",
 )
