@@ -8,6 +8,8 @@
 from .errors import LensvizError, UnsupportedModelError
 from .export import export_html
 from .lens import Lens
+from .lenses.attribution import direct_logit_attribution
+from .lenses.importance import head_importance, keep_top_heads, ra_head_ranking
 from .loading import load
 from .patches import (ActivationPatch, AttentionPatch, HeadAblation, NeuronPatch, SegmentMask, ShiftEdit,
                       TopKAttention, compare)
@@ -36,6 +38,7 @@ def load_ipython_extension(ipython):
     load(ipython)
 
 
-__all__ = ["Explorer", "plot", "export_html", "ActivationPatch", "AttentionPatch", "HeadAblation", "Lens", "LensvizError", "NeuronPatch", "SegmentMask",
+__all__ = ["Explorer", "plot", "export_html", "direct_logit_attribution", "head_importance", "keep_top_heads",
+           "ra_head_ranking", "ActivationPatch", "AttentionPatch", "HeadAblation", "Lens", "LensvizError", "NeuronPatch", "SegmentMask",
            "ShiftEdit", "TopK", "TopKAttention", "Trace", "UnsupportedModelError", "compare", "load"]
 from .version import __version__  # noqa: E402  (the installed metadata; pyproject.toml is the source)

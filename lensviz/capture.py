@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from .attention import AttentionEdit, PromptMask, explicit_attention, keep_mask, repeat_kv
 from .errors import LensvizError
 from .hf import args_hidden, frozen_eval, input_device, replace_hidden
-from .vocab import nll
+from .metrics import metric as run_metric, objective
 
 IMPL_NAME = "lensviz"
 _ACTIVE: contextvars.ContextVar["Recorder | None"] = contextvars.ContextVar("lensviz_recorder", default=None)
@@ -118,8 +118,11 @@ def _one(x: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True, eq=False)
 class Recording:
     """What one run recorded. sites: {name in RECORDED: tuple of one value per layer}; logits [T, V];
-    target_id, loss (the last-token NLL of the target), layer_losses (layer-causal: each layer's
-    logit-lens NLL, else None) and attn_edits {layer: AttentionEdit} the patches installed."""
+    target_id (the first target token), loss (the NLL of the target: summed over its tokens, explained at
+    the last len(target_ids) positions), layer_losses (layer-causal: each layer's logit-lens NLL, else
+    None), attn_edits {layer: AttentionEdit} the patches installed, target_ids (every target token),
+    distractor_id (or None) and metric (the target log-probability, or the logit difference with a
+    distractor; see lensviz.metrics)."""
 
     sites: Mapping[str, tuple]
     logits: torch.Tensor
@@ -127,6 +130,9 @@ class Recording:
     loss: float
     layer_losses: tuple | None = None
     attn_edits: Mapping[int, AttentionEdit] = field(default_factory=dict)
+    target_ids: tuple = ()
+    distractor_id: int | None = None
+    metric: float | None = None
 
     def at(self, site: str, layer: int):
         """The value of `site` at `layer` (a plain, already checked index)."""
@@ -148,6 +154,8 @@ class Recorder:
     def edit(self, layer: int) -> AttentionEdit:
         """The (created on first use) attention edit of a layer, for patches to add to."""
         return self.attn_edits.setdefault(layer, AttentionEdit())
+
+    n_explained: int = 1  # the explained positions are the last n_explained (layer-causal losses read them)
 
     def __post_init__(self):
         self.sites = {name: [None] * self.n_layers for name in FORWARD_SITES + GRADIENT_SITES}
@@ -182,7 +190,7 @@ class Recorder:
 
     def on_block_output(self, layer, out):
         if self.layer_causal and self.want_grads and layer < self.n_layers - 1:
-            self.out_last[layer] = out[:, -1]
+            self.out_last[layer] = out[:, -self.n_explained:]
 
     def on_mid(self, layer, x):
         self._track(x, "mid", layer, "g_mid")
@@ -247,7 +255,8 @@ class Recorder:
         return out
 
     def finish(self, logits: torch.Tensor, target_id: int, loss: float, layer_losses=None,
-               reused: Recording | None = None, reuse_upto: int = 0) -> Recording:
+               reused: Recording | None = None, reuse_upto: int = 0, target_ids=(), distractor_id=None,
+               metric=None) -> Recording:
         """The frozen Recording; layers below `reuse_upto` are taken from `reused` (not recomputed)."""
         sites = self.sites_on_cpu()
         for name in FORWARD_SITES:
@@ -255,7 +264,9 @@ class Recorder:
                 sites[name][layer] = reused.at(name, layer)
         return Recording(sites={n: tuple(v) for n, v in sites.items()}, logits=logits, target_id=target_id, loss=loss,
                          layer_losses=None if layer_losses is None else tuple(layer_losses),
-                         attn_edits=dict(self.attn_edits))
+                         attn_edits=dict(self.attn_edits),
+                         target_ids=tuple(target_ids) or (target_id,), distractor_id=distractor_id,
+                         metric=metric)
 
 
 @contextmanager
@@ -418,8 +429,8 @@ def reused_prefix(model, adapter, base_post, upto: int):
             out = base_post[layer]
 
             def cached(*args, out=out, **kwargs):
-                x = args_hidden(args, kwargs)
-                return out.to(device=x.device, dtype=x.dtype).unsqueeze(0)
+                x = args_hidden(args, kwargs)  # a batch of copies of one prompt gets one copy each
+                return out.to(device=x.device, dtype=x.dtype).unsqueeze(0).expand(x.shape[0], *out.shape)
 
             block.forward = cached
         yield
@@ -461,25 +472,33 @@ def pick_target(last_logits: torch.Tensor, target: int | None) -> int:
     return int(last_logits.argmax()) if target is None else int(target)
 
 
-def run(lens, input_ids: torch.Tensor, *, target: int | None = None, backward: bool = True,
-        gradient: str = "standard", patches=(), segments=None, base=None, reuse_upto: int = 0) -> Recording:
+def run(lens, input_ids: torch.Tensor, *, target=None, backward: bool = True,
+        gradient: str = "standard", patches=(), segments=None, base=None, reuse_upto: int = 0,
+        distractor: int | None = None) -> Recording:
     """One forward (and backward) pass of `lens.model` on `input_ids` [T], with `patches` installed for
-    this run only. `target`: the token id explained (None: the model's top-1 at the last position).
+    this run only. `target`: the token id explained (None: the model's top-1 at the last position), or a
+    sequence of n ids explained at the last n positions (teacher-forced: the caller appended all but the
+    last to the prompt). `distractor`: a token id; the metric is then logit(target) - logit(distractor)
+    at the last position.
 
-    The loss is L = -log softmax(logits[-1])[target]. gradient="layer_causal": each block's input is
-    detached and its gradient comes from its own logit-lens loss at the last position (the layer-causal
-    gradient of Deutch et al. 2024, "In-context learning and gradient descent revisited").
-    `base` (an unpatched Trace of the same ids) with `reuse_upto` > 0 and backward=False: blocks before
-    `reuse_upto` are not recomputed; their records are copied from `base`. Returns the `Recording`."""
+    The loss is the NLL L = -sum_k log softmax(logits[T-n+k])[target_k]; the backward pass
+    differentiates L, or -metric with a distractor (lensviz.metrics). gradient="layer_causal": each
+    block's input is detached and its gradient comes from its own logit-lens objective at the explained
+    positions (the layer-causal gradient of Deutch et al. 2024, "In-context learning and gradient descent
+    revisited"). `base` (an unpatched Trace of the same ids) with `reuse_upto` > 0 and backward=False:
+    blocks before `reuse_upto` are not recomputed; their records are copied from `base`. Returns the
+    `Recording`."""
     model, adapter = lens.model, lens.adapter
+    targets = None if target is None else ([int(target)] if isinstance(target, int) else [int(t) for t in target])
     rec = _recorder(lens, backward)
     rec.layer_causal = gradient == "layer_causal"
+    rec.n_explained = 1 if targets is None else len(targets)
     ids = input_ids.to(input_device(model, adapter)).unsqueeze(0)
     reuse_upto = reuse_upto if (base is not None and not backward) else 0
     with ExitStack() as stack:
         stack.enter_context(frozen_eval(model))
         stack.enter_context(installed(model, adapter, rec))
-        ctx = PatchContext(lens, rec, stack, input_ids, segments, target, base)
+        ctx = PatchContext(lens, rec, stack, input_ids, segments, None if targets is None else targets[0], base)
         for patch in patches:
             patch.install(ctx)
         if reuse_upto:
@@ -490,17 +509,19 @@ def run(lens, input_ids: torch.Tensor, *, target: int | None = None, backward: b
             embeds = embeds.detach().requires_grad_(True)
         out = model(inputs_embeds=embeds, use_cache=False, **ctx.model_kwargs)
         logits = out.logits[0]
-        last = logits[-1]
-        target_id = pick_target(last.detach(), target)
-        loss = nll(last, target_id)
+        if targets is None:
+            targets = [pick_target(logits[-1].detach(), None)]
+        rows = logits[-len(targets):]
+        total, loss = objective(rows, targets, distractor)
+        metric = float(run_metric(rows.detach(), targets, distractor))
         layer_losses = None
-        total = loss
         rec.done = True
         if rec.layer_causal and backward:
-            early = [nll(adapter.vocab_logits(model, h)[0], target_id) for h in rec.out_last[:-1]]
-            layer_losses = [float(x.detach()) for x in early] + [float(loss.detach())]
-            total = sum(early, loss)
+            early = [objective(adapter.vocab_logits(model, h)[0], targets, distractor) for h in rec.out_last[:-1]]
+            layer_losses = [float(nl.detach()) for _, nl in early] + [float(loss.detach())]
+            total = sum((ob for ob, _ in early), total)
         if backward:
             total.backward()
-    return rec.finish(logits.detach().to("cpu"), target_id, float(loss.detach()), layer_losses,
-                      reused=base.recording if reuse_upto else None, reuse_upto=reuse_upto)
+    return rec.finish(logits.detach().to("cpu"), targets[0], float(loss.detach()), layer_losses,
+                      reused=base.recording if reuse_upto else None, reuse_upto=reuse_upto, target_ids=targets,
+                      distractor_id=distractor, metric=metric)

@@ -22,6 +22,7 @@ from .trace import Trace
 from .vocab import TopK, project
 
 GRADIENT_MODES = ("standard", "layer_causal")
+TARGET_MODES = ("all", "first")
 # generate() arguments Lens.generate sets itself (it returns one sequence, with its per-step logits)
 _GENERATE_OWN = ("input_ids", "inputs", "inputs_embeds", "attention_mask", "max_length", "return_dict_in_generate",
                  "output_logits", "output_scores")
@@ -230,8 +231,15 @@ class Lens:
 
     def token_id(self, target) -> int:
         """The id of a target: str -> its first token (leading space matters), int -> checked id."""
+        return self.token_ids(target)[0]
+
+    def token_ids(self, target) -> list[int]:
+        """Every token id of a target: str -> its tokens (leading space matters), int -> [checked id],
+        a list / tuple of ints -> those ids, checked."""
         if isinstance(target, bool):
             raise LensvizError(f"target must be a str, an int token id or None, got {target!r}")
+        if isinstance(target, (list, tuple)) and target and all(not isinstance(t, (str, bool)) for t in target):
+            return [self.token_ids(t)[0] for t in target]
         if not isinstance(target, (int, str)) and hasattr(target, "__index__"):  # numpy ints, 0-d int tensors
             try:
                 target = operator.index(target)
@@ -240,16 +248,51 @@ class Lens:
         if isinstance(target, int):
             if not 0 <= target < self.vocab_size:
                 raise LensvizError(f"target id {target} is outside the vocabulary [0, {self.vocab_size - 1}]")
-            return target
+            return [target]
         if isinstance(target, str):
             if not target:
                 raise LensvizError("target is an empty string: give the token to explain, e.g. ' Paris'")
             ids = self.tokenizer(target, add_special_tokens=False)["input_ids"]
             if not ids:
                 raise LensvizError(f"target {target!r} encodes to no token")
-            check_token_ids(ids[:1], self.vocab_size, f"the target {target!r}")
-            return int(ids[0])
+            check_token_ids(ids, self.vocab_size, f"the target {target!r}")
+            return [int(i) for i in ids]
         raise LensvizError(f"target must be a str, an int token id or None, got {type(target).__name__}")
+
+    def run_spec(self, prompt, target=None, *, distractor=None, target_mode: str = "all"):
+        """What a run of `prompt` explains: (run ids [T], prompt segments, target ids or None, distractor id
+        or None). A multi-token target (target_mode="all") appends its tokens but the last to the prompt
+        (teacher forcing); target_mode="first" keeps its first token only. With a distractor the metric
+        compares single tokens at the last prompt position: a multi-token target or distractor needs
+        target_mode="first"."""
+        if target_mode not in TARGET_MODES:
+            raise LensvizError(f"target_mode must be one of {TARGET_MODES}, got {target_mode!r}")
+        ids, segments = self.encode(prompt)
+        targets = None if target is None else self.token_ids(target)
+        d = None
+        if distractor is not None:
+            if target is None:
+                raise LensvizError("a distractor needs a target: give target=' Mary', distractor=' John'")
+            d_ids = self.token_ids(distractor)
+            if target_mode == "all" and (len(d_ids) > 1 or len(targets) > 1):
+                long = target if len(targets) > 1 else distractor
+                raise LensvizError(f"{long!r} is {max(len(targets), len(d_ids))} tokens; the logit difference "
+                                   "compares single tokens at the last position: pass target_mode='first' (first "
+                                   "tokens), or choose one-token target and distractor")
+            d = d_ids[0]
+            if d == targets[0]:
+                raise LensvizError(f"the distractor {distractor!r} and the target {target!r} are the same token: "
+                                   "their logit difference is 0")
+        if targets is not None and target_mode == "first":
+            targets = targets[:1]
+        if targets is not None and len(targets) > 1:
+            if len(ids) + len(targets) - 1 > self.max_tokens:
+                raise LensvizError(f"prompt ({len(ids)} tokens) + target ({len(targets)} tokens) is longer than the "
+                                   f"{self.max_tokens} tokens this model accepts")
+            ids = torch.cat([ids, torch.tensor(targets[:-1], dtype=torch.long)])
+            if segments:  # the appended target tokens continue the last segment
+                segments = [*segments[:-1], (segments[-1][0], len(ids))]
+        return ids, segments, targets, d
 
     def decode(self, token_id: int) -> str:
         return self.tokenizer.decode([int(token_id)])
@@ -336,11 +379,16 @@ class Lens:
                           text=self.tokenizer.decode(new.tolist()), logits=logits)
 
     def trace(self, prompt, target=None, *, patches=(), backward: bool = True, gradient: str = "standard",
-              base: Trace | None = None) -> Trace:
+              base: Trace | None = None, distractor=None, target_mode: str = "all") -> Trace:
         """Run one forward (and backward) pass on `prompt` and record it.
 
         prompt: str or list of str segments. target: None (the model's own top-1 at the last position),
-        str (its first token) or int id. The loss is L = -log softmax(logits[-1])[target].
+        str or int id. A target of several tokens (" Eiffel Tower") is teacher-forced: the run reads
+        prompt + its tokens but the last, and the loss is the sum of its tokens' NLLs,
+        L = -sum_k log softmax(logits[P-1+k])[t_k] (`Trace.target_ids`, `Trace.n_prompt`);
+        target_mode="first" explains its first token only. distractor: a token (str / id); the metric
+        (`Trace.metric`) is then logit(target) - logit(distractor) at the last position and the backward
+        pass explains -metric (`Trace.loss` stays the NLL). Without a distractor the metric is -L.
         patches: interventions for this run only (lensviz.patches); they compose in the given order.
         gradient: "standard", or "layer_causal" (each layer's gradient from its own logit-lens loss, with
         its input detached; `Trace.layer_losses` holds those losses).
@@ -357,29 +405,30 @@ class Lens:
         if backward and torch.is_inference_mode_enabled():
             raise LensvizError("lens.trace(backward=True) cannot run inside torch.inference_mode(): gradients need "
                                "autograd. Leave the inference_mode block, or pass backward=False")
-        ids, segments = self.encode(prompt)
-        fixed = None if target is None else self.token_id(target)
+        ids, segments, fixed, distractor_id = self.run_spec(prompt, target, distractor=distractor,
+                                                            target_mode=target_mode)
+        n_prompt = len(ids) - (len(fixed) - 1 if fixed else 0)
         for p in patches:
             p.validate(self, len(ids))
         if base is not None:
             if not isinstance(base, Trace) or base.lens is not self:
                 raise LensvizError("base must be a Trace made by this Lens")
-            if not torch.equal(base.input_ids, ids) or (fixed is not None and base.target_id != fixed):
+            if not torch.equal(base.input_ids, ids) or (fixed is not None and list(base.target_ids) != fixed):
                 raise LensvizError("base must be a trace of the same prompt and target")
             if base.patches:
                 raise LensvizError("base must be an unpatched trace")
         elif any(p.needs_base for p in patches):
-            base = self.trace(prompt, target)
+            base = self.trace(prompt, target, distractor=distractor, target_mode=target_mode)
         if fixed is None and base is not None:
-            fixed = base.target_id  # a patched run explains the same token as its base
+            fixed = list(base.target_ids)  # a patched run explains the same token as its base
         reuse = min((p.first_layer(self) for p in patches), default=0) if patches else 0
         recording = capture.run(self, ids, target=fixed, backward=backward, gradient=gradient, patches=tuple(patches),
                                 segments=segments if not isinstance(prompt, str) else None, base=base,
-                                reuse_upto=reuse)
+                                reuse_upto=reuse, distractor=distractor_id)
         return Trace(
             tokens=[self.decode(i) for i in ids.tolist()],
             input_ids=ids,
-            target=self.decode(recording.target_id),
+            target=self.tokenizer.decode(list(recording.target_ids)),
             segments=segments,
             has_backward=backward,
             recording=recording,
@@ -387,7 +436,18 @@ class Lens:
             gradient=gradient,
             patches=tuple(patches),
             prompt=prompt if isinstance(prompt, str) else list(prompt),
+            n_prompt=n_prompt,
         )
+
+
+    def patching_sweep(self, clean, corrupt, target=None, distractor=None, site: str = "post",
+                       method: str = "exact", **kwargs):
+        """Activation patching clean -> corrupt over every layer x position (site "pre" / "mid" / "post")
+        or layer x head (site "head"); method "exact" or "attribution". See `lensviz.sweeps.patching_sweep`."""
+        from .sweeps import patching_sweep
+
+        return patching_sweep(self, clean, corrupt, target=target, distractor=distractor, site=site, method=method,
+                              **kwargs)
 
 
 def _check_patches(patches, example: str) -> None:

@@ -38,10 +38,38 @@ class Trace:
     gradient: str = "standard"
     patches: tuple = ()
     prompt: object = None  # the prompt as given (str or list of segments)
+    n_prompt: int | None = None  # the prompt's tokens; those after it are a multi-token target's, appended
 
     # what the run computed, and sizes -----------------------------------------------------------------
-    target_id = property(lambda self: self.recording.target_id, doc="int: the explained token's id")
-    loss = property(lambda self: self.recording.loss, doc="float: L = -log softmax(logits[-1])[target]")
+    target_id = property(lambda self: self.recording.target_id, doc="int: the (first) explained token's id")
+    target_ids = property(lambda self: list(self.recording.target_ids),
+                          doc="list[int]: every target token, explained at the last len(target_ids) positions")
+    loss = property(lambda self: self.recording.loss,
+                    doc="float: the target's NLL, L = -sum_k log softmax(logits[P-1+k])[target_k]")
+    metric = property(lambda self: self.recording.metric,
+                      doc="float: -loss, or logit(target) - logit(distractor) at the last position")
+    distractor_id = property(lambda self: self.recording.distractor_id, doc="int or None: the distractor token")
+
+    @property
+    def distractor(self) -> str | None:
+        """The distractor token's text (None without one)."""
+        d = self.recording.distractor_id
+        return None if d is None else self.lens.decode(d)
+
+    @property
+    def appended(self) -> list[int]:
+        """Positions of the target tokens appended to the prompt (teacher forcing a multi-token target)."""
+        return list(range(self.prompt_length, len(self)))
+
+    @property
+    def prompt_length(self) -> int:
+        """P: the prompt's own tokens (the run holds P + len(target_ids) - 1)."""
+        return len(self) if self.n_prompt is None else self.n_prompt
+
+    @property
+    def explained_positions(self) -> list[int]:
+        """The positions whose next-token logits the loss reads: P-1 .. T-1."""
+        return list(range(len(self) - len(self.recording.target_ids), len(self)))
     logits = property(lambda self: self.recording.logits, doc="Tensor [T, V]: the output logits")
     adapter = property(lambda self: self.lens.adapter, doc="Adapter: the family description")
     dims = property(lambda self: self.lens.dims, doc="Dims: the model sizes")
@@ -238,5 +266,6 @@ class Trace:
         return to_bertviz(self, kind, layers, scale=scale)
 
     def __repr__(self) -> str:
-        return (f"Trace({len(self)} tokens, target={self.target!r}, loss={self.loss:.4f}, "
+        extra = f", distractor={self.distractor!r}, metric={self.metric:.4f}" if self.distractor_id is not None else ""
+        return (f"Trace({len(self)} tokens, target={self.target!r}, loss={self.loss:.4f}{extra}, "
                 f"layers={self.n_layers}, backward={self.has_backward})")

@@ -105,7 +105,7 @@ BAD_TARGETS = [
     pytest.param("", "target is an empty string", id="empty-str"),
     pytest.param(1.5, "got float", id="float"),
     pytest.param(2.0, "got float", id="integral-float"),
-    pytest.param([5], "got list", id="list"),
+    pytest.param([" Paris"], "got list", id="list"),  # a list of ids is a multi-token target; of str, not
     pytest.param((" Paris",), "got tuple", id="tuple"),
     pytest.param(b" Paris", "got bytes", id="bytes"),
     pytest.param(320, "outside the vocabulary [0, 319]", id="vocab-size"),
@@ -130,6 +130,7 @@ def test_integer_like_targets_are_accepted(llama):
     assert llama.trace(PROMPT, target=np.int64(5), backward=False).target_id == 5
     assert llama.trace(PROMPT, target=torch.tensor(5), backward=False).target_id == 5
     assert tr.target_id == 5
+    assert llama.trace(PROMPT, target=[5, 7], backward=False).target_ids == [5, 7]  # a multi-token target by id
 
 
 # trace keywords -----------------------------------------------------------------------------------
