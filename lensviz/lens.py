@@ -204,20 +204,22 @@ class Lens:
             parts = [prompt]
         elif isinstance(prompt, (list, tuple)) and prompt:
             for i, p in enumerate(prompt):
-                if not isinstance(p, str):
-                    raise LensvizError(f"prompt segment {i} must be a str, got {type(p).__name__} ({p!r:.40})")
+                if not isinstance(p, str) and not _is_id_list(p):
+                    raise LensvizError(f"prompt segment {i} must be a str, got {type(p).__name__} ({p!r:.40}); "
+                                       "a segment may also be a list of token ids")
             parts = list(prompt)
         else:
             raise LensvizError(
                 f"prompt must be a non-empty str or a non-empty list of str segments, got {type(prompt).__name__}"
                 + (" (empty)" if isinstance(prompt, (list, tuple)) else ""))
-        if not "".join(parts):
+        if not any(parts):
             raise LensvizError("prompt is empty: give some text to run the model on")
         ids, spans = [], []
         for i, part in enumerate(parts):
             if not part:
                 raise LensvizError(f"prompt segment {i} is empty")
-            enc = self.tokenizer(part, add_special_tokens=(i == 0))["input_ids"]
+            # a segment given as token ids (e.g. generated tokens) is taken as it is, not re-tokenised
+            enc = list(part) if not isinstance(part, str) else self.tokenizer(part, add_special_tokens=(i == 0))["input_ids"]
             spans.append((len(ids), len(ids) + len(enc)))
             ids.extend(enc)
         if not ids:
@@ -339,7 +341,8 @@ class Lens:
               base: Trace | None = None) -> Trace:
         """Run one forward (and backward) pass on `prompt` and record it.
 
-        prompt: str or list of str segments. target: None (the model's own top-1 at the last position),
+        prompt: str or list of segments (str, or a list of token ids taken as they are). target: None (the
+        model's own top-1 at the last position),
         str (its first token) or int id. The loss is L = -log softmax(logits[-1])[target].
         patches: interventions for this run only (lensviz.patches); they compose in the given order.
         gradient: "standard", or "layer_causal" (each layer's gradient from its own logit-lens loss, with
@@ -388,6 +391,10 @@ class Lens:
             patches=tuple(patches),
             prompt=prompt if isinstance(prompt, str) else list(prompt),
         )
+
+
+def _is_id_list(p) -> bool:
+    return isinstance(p, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in p)
 
 
 def _check_patches(patches, example: str) -> None:
