@@ -24,6 +24,10 @@ from .metrics import metric as run_metric, objective
 IMPL_NAME = "lensviz"
 _ACTIVE: contextvars.ContextVar["Recorder | None"] = contextvars.ContextVar("lensviz_recorder", default=None)
 _REGISTERED = False
+# A progress / cancellation callback for runs in this context: watch(stage, layer) with stage "forward"
+# (a block is about to run) or "backward" (a block's input gradient arrived); raising inside it (e.g.
+# `Cancelled`) ends the run, and the usual exits remove every hook. See `watching`.
+_WATCH: contextvars.ContextVar["Callable[[str, int], None] | None"] = contextvars.ContextVar("lensviz_watch", default=None)
 
 #: The sites a run records, per layer (batch dimension dropped, detached, on CPU after the run).
 RECORDED = {
@@ -115,6 +119,22 @@ def _one(x: torch.Tensor) -> torch.Tensor:
     return x if x.dim() == 2 else x[0]
 
 
+class Cancelled(LensvizError):
+    """A run ended early by its watcher (the Explorer's Stop button)."""
+
+
+@contextmanager
+def watching(watch: "Callable[[str, int], None]"):
+    """Call `watch(stage, layer)` once per block in the forward ("forward", before block `layer`) and once per
+    block in the backward ("backward", when the gradient at block `layer`'s input arrives) of every run
+    started inside (traces, and lens.generate's decoding steps). A watch that raises ends the run."""
+    token = _WATCH.set(watch)
+    try:
+        yield
+    finally:
+        _WATCH.reset(token)
+
+
 @dataclass(frozen=True, eq=False)
 class Recording:
     """What one run recorded. sites: {name in RECORDED: tuple of one value per layer}; logits [T, V];
@@ -165,22 +185,27 @@ class Recorder:
         self.g_final = None
         self.done = False
 
-    def _store(self, store: list, layer: int) -> Callable:
+    def _store(self, store: list, layer: int, watch=None) -> Callable:
         def hook(grad):
             store[layer] = _one(grad).detach()
+            if watch is not None:
+                watch("backward", layer)
 
         return hook
 
-    def _track(self, x: torch.Tensor, site: str, layer: int, grad_site: str | None):
+    def _track(self, x: torch.Tensor, site: str, layer: int, grad_site: str | None, watch=None):
         self.sites[site][layer] = _one(x).detach()
         if self.want_grads and grad_site is not None and x.requires_grad:
-            x.register_hook(self._store(self.sites[grad_site], layer))
+            x.register_hook(self._store(self.sites[grad_site], layer, watch))
 
     # called from hooks ---------------------------------------------------------------------------
     def on_block_input(self, layer, x):
         """Record a block's input; in layer-causal mode return its detached copy for the block to use."""
+        watch = _WATCH.get()
+        if watch is not None:
+            watch("forward", layer)
         if not (self.layer_causal and self.want_grads):
-            self._track(x, "pre", layer, "g_pre")
+            self._track(x, "pre", layer, "g_pre", watch)
             return None
         if layer > 0 and x.requires_grad:
             x.register_hook(self._store(self.g_post_lc, layer - 1))

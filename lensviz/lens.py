@@ -205,20 +205,22 @@ class Lens:
             parts = [prompt]
         elif isinstance(prompt, (list, tuple)) and prompt:
             for i, p in enumerate(prompt):
-                if not isinstance(p, str):
-                    raise LensvizError(f"prompt segment {i} must be a str, got {type(p).__name__} ({p!r:.40})")
+                if not isinstance(p, str) and not _is_id_list(p):
+                    raise LensvizError(f"prompt segment {i} must be a str, got {type(p).__name__} ({p!r:.40}); "
+                                       "a segment may also be a list of token ids")
             parts = list(prompt)
         else:
             raise LensvizError(
                 f"prompt must be a non-empty str or a non-empty list of str segments, got {type(prompt).__name__}"
                 + (" (empty)" if isinstance(prompt, (list, tuple)) else ""))
-        if not "".join(parts):
+        if not any(parts):
             raise LensvizError("prompt is empty: give some text to run the model on")
         ids, spans = [], []
         for i, part in enumerate(parts):
             if not part:
                 raise LensvizError(f"prompt segment {i} is empty")
-            enc = self.tokenizer(part, add_special_tokens=(i == 0))["input_ids"]
+            # a segment given as token ids (e.g. generated tokens) is taken as it is, not re-tokenised
+            enc = list(part) if not isinstance(part, str) else self.tokenizer(part, add_special_tokens=(i == 0))["input_ids"]
             spans.append((len(ids), len(ids) + len(enc)))
             ids.extend(enc)
         if not ids:
@@ -382,8 +384,8 @@ class Lens:
               base: Trace | None = None, distractor=None, target_mode: str = "all") -> Trace:
         """Run one forward (and backward) pass on `prompt` and record it.
 
-        prompt: str or list of str segments. target: None (the model's own top-1 at the last position),
-        str or int id. A target of several tokens (" Eiffel Tower") is teacher-forced: the run reads
+        prompt: str or list of segments (str, or a list of token ids taken as they are). target: None (the
+        model's own top-1 at the last position), str or int id. A target of several tokens (" Eiffel Tower") is teacher-forced: the run reads
         prompt + its tokens but the last, and the loss is the sum of its tokens' NLLs,
         L = -sum_k log softmax(logits[P-1+k])[t_k] (`Trace.target_ids`, `Trace.n_prompt`);
         target_mode="first" explains its first token only. distractor: a token (str / id); the metric
@@ -448,6 +450,10 @@ class Lens:
 
         return patching_sweep(self, clean, corrupt, target=target, distractor=distractor, site=site, method=method,
                               **kwargs)
+
+
+def _is_id_list(p) -> bool:
+    return isinstance(p, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in p)
 
 
 def _check_patches(patches, example: str) -> None:

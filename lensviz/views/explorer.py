@@ -16,12 +16,14 @@ from ..checks import SITES, check_index, check_int, check_number
 from ..errors import LensvizError
 from ..lens import Lens
 from ..trace import Trace
-from . import payload, snapshot
+from . import payload, snapshot, stepping
+from .stepthrough import TABS, StepThrough, check_keywords, in_kernel
+from .worker import Worker
 
 STATIC = pathlib.Path(__file__).parent / "static"
-VIEW_MODULES = ("util", "tokens", "logitlens", "attention", "neurons", "backward", "flow", "masks", "patches")
+VIEW_MODULES = ("util", "tokens", "logitlens", "attention", "neurons", "backward", "flow", "masks", "patches",
+                "vgrid", "scales", "livefeel", "steps")
 GRADIENT_TABS = ("reversed", "backward", "flow")
-TABS = ("attention", "reversed", "neurons", "backward", "flow", "masks")
 
 
 def view_sources() -> dict[str, str]:
@@ -77,7 +79,7 @@ def patch_code(patches) -> str:
     return "(" + ", ".join(fmt(p) for p in patches) + ("," if len(patches) == 1 else "") + ")"
 
 
-class Explorer(anywidget.AnyWidget):
+class Explorer(StepThrough, anywidget.AnyWidget):
     """Linked views of one prompt: token strip, logit lens, attention / Reversed Attention, neurons,
     Backward Lens, flow graph and a patch panel that re-runs the model.
 
@@ -110,15 +112,22 @@ class Explorer(anywidget.AnyWidget):
     error = traitlets.Unicode("").tag(sync=True)
     code = traitlets.Unicode("").tag(sync=True)
 
-    def __init__(self, lens, prompt, target=None, *, trace=None, **kwargs):
+    def __init__(self, lens, prompt, target=None, *, trace=None, generate=None, sample=False, seed=None, **kwargs):
         if not isinstance(lens, Lens):
             raise LensvizError(f"Explorer needs a lensviz Lens (lv.load() or lv.Lens(model, tokenizer)), got {type(lens).__name__}")
         if trace is not None and (not isinstance(trace, Trace) or trace.lens is not lens):
             raise LensvizError("trace must be a Trace made by this Lens")
+        check_keywords(kwargs)
+        if generate is not None:
+            generate = stepping.check_generate(generate)
+            if trace is not None:
+                raise LensvizError("give either trace= (show an existing trace) or generate= (generate from the prompt)")
         super().__init__(**kwargs)
         self._setup(lens)
         if trace is None:
             self.run(prompt, target)
+            if generate is not None:
+                self.generate(generate, sample=sample, seed=seed)
         else:  # show an existing trace as it is (a patched one next to its unpatched base)
             base = trace if not trace.patches else lens.trace(trace.prompt, trace.target_id)
             self._show(base, trace, trace.patches, [], None, True, trace.target)
@@ -147,6 +156,9 @@ class Explorer(anywidget.AnyWidget):
         self.base = None
         self.trace = None
         self._patch_objs = ()
+        self._stepping = None
+        self._step_cache = {}
+        self._worker = Worker(self._report_progress, background=in_kernel())
         self.model_name = lens.name   # hub id, folder name or "... (embedded)": never an absolute path
         self._modules = view_sources()
         self.on_msg(self._on_msg)
@@ -155,10 +167,12 @@ class Explorer(anywidget.AnyWidget):
         if self.base is None:
             return False
         old = self.base.prompt
-        return prompt == old or (isinstance(prompt, str) and not isinstance(old, str) and prompt == "".join(old))
+        return prompt == old or (isinstance(prompt, str) and not isinstance(old, str)
+                                 and all(isinstance(p, str) for p in old) and prompt == "".join(old))
 
     def run(self, prompt=None, target=None, patches=None) -> None:
         """Re-run on a new prompt / target / patch set (None keeps the current one). Errors raise."""
+        prompt, target = self._stepped(prompt, target)
         if prompt is None or self._same_prompt(prompt):
             prompt = self.base.prompt if self.base is not None else prompt
         target = (self.target or None) if target is None else (target or None)
@@ -181,7 +195,7 @@ class Explorer(anywidget.AnyWidget):
     def _show(self, base, tr, objs, specs, elapsed, new_base, target=None) -> None:
         self.base, self.trace, self._patch_objs = base, tr, tuple(objs)
         with self.hold_sync():
-            self.prompt = base.prompt if isinstance(base.prompt, str) else "".join(base.prompt)
+            self.prompt = self._shown_prompt(base)
             self.target = "" if target is None else (target if isinstance(target, str) else self.lens.decode(target))
             self.patches = specs
             self.tokens = list(tr.tokens)
@@ -200,7 +214,7 @@ class Explorer(anywidget.AnyWidget):
             meta, (buf,) = payload.head_norms(tr)
             self.norms_meta, self.norms = meta, buf
             self.error = ""
-            self.status = f"{t} tokens" + (f" · ran in {elapsed:.2f} s" if elapsed is not None else "")
+            self.status = f"{t} tokens" + (f" · ran in {elapsed:.2f} s" if elapsed is not None else "") + self._step_note()
 
     def _send_grid(self):
         meta, (ids, probs, ranks) = payload.logit_lens_grid(self.trace, self.site)
@@ -240,12 +254,10 @@ class Explorer(anywidget.AnyWidget):
         # Tell the browser at once that a kernel has the message (it says so itself when none answers).
         self.send({"type": "ack", "id": content.get("id"), "seq": content.get("seq")})
         if kind == "run":
-            def go():
-                self.run(content.get("prompt"), content.get("target", ""), content.get("patches", []))
-                self.done_seq = int(content.get("seq", 0)) if isinstance(content.get("seq", 0), int) else 0
-            self._guarded(go)
-            if self.error:
-                self.done_seq = int(content.get("seq", 0)) if isinstance(content.get("seq", 0), int) else 0
+            self._job(content, lambda: self.run(content.get("prompt"), content.get("target", ""),
+                                                content.get("patches", [])))
+        elif kind in ("generate", "step", "stop"):
+            self._on_step_msg(kind, content)
         elif kind == "get":
             rid = content.get("id")
             try:
@@ -267,7 +279,23 @@ class Explorer(anywidget.AnyWidget):
         if kind not in ("forward", "reversed"):
             raise LensvizError(f"kind must be 'forward' or 'reversed', got {kind!r}")
         if what == "attention":
-            return payload.attention_map(tr, layer(), head(), kind)
+            scale = req.get("scale", "linear")
+            if scale not in payload.MAP_SCALES:
+                raise LensvizError(f"scale must be one of {payload.MAP_SCALES}, got {scale!r}")
+            return payload.attention_map(tr, layer(), head(), kind, scale)
+        if what == "attention_sum":
+            axis = req.get("axis", "rows")
+            if axis not in ("rows", "cols"):
+                raise LensvizError(f"axis must be 'rows' or 'cols', got {axis!r}")
+            positions = [check_index(p, len(tr), "position") for p in _int_list(req.get("positions"), "positions")]
+            if not positions:
+                raise LensvizError("positions must name at least one position")
+            return payload.attention_sum(tr, layer(), head(), kind, positions, axis)
+        if what == "bl_cell":
+            part = req.get("part", "ff2")
+            if part not in ("ff1", "ff2"):
+                raise LensvizError(f"part must be 'ff1' or 'ff2', got {part!r}")
+            return payload.backward_cell(tr, layer(), pos(), part), []
         if what == "thumbs":
             return payload.thumbnails(tr, layer(), kind)
         if what == "cell":
@@ -295,3 +323,4 @@ class Explorer(anywidget.AnyWidget):
         state = self.get_state()
         return json.dumps({k: (list(v) if isinstance(v, (bytes, memoryview)) else v) for k, v in state.items()},
                           default=str)
+

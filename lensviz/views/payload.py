@@ -87,14 +87,48 @@ def head_norms(trace) -> tuple[dict, list[bytes]]:
     return {"shape": list(both.shape), "has_reversed": trace.has_backward}, [both.contiguous().numpy().tobytes()]
 
 
-def attention_map(trace, layer: int, head: int, kind: str = "forward") -> tuple[dict, list[bytes]]:
-    """One head's T x T map: forward A as uint8 (0..1), reversed RA as int8 with its scale."""
+MAP_SCALES = ("linear", "symlog", "row")
+SYMLOG_DECADES = 3   # symmetric-log maps: linear below max|x| / 10**3, logarithmic above
+
+
+def signed_scale(m: torch.Tensor, mode: str) -> tuple[torch.Tensor, dict]:
+    """A signed [T, T] map -> values in [-1, 1] for display and what they mean: "linear" x / max|x|;
+    "symlog" sign(x) log10(1 + |x|/c) / log10(1 + max/c) with c = max|x| / 10**SYMLOG_DECADES; "row" each
+    row divided by its own max |x| (rows that are all 0 stay 0)."""
+    x = m.double()
+    top = float(x.abs().max()) if x.numel() else 0.0
+    if top == 0.0:
+        return torch.zeros_like(x), {"scale_mode": mode, "scale": 0.0, "c": 0.0}
+    if mode == "symlog":
+        c = top / 10 ** SYMLOG_DECADES
+        return x.sign() * torch.log10(1 + x.abs() / c) / torch.log10(torch.tensor(1 + top / c, dtype=x.dtype)), \
+            {"scale_mode": mode, "scale": top, "c": c}
+    if mode == "row":
+        row = x.abs().amax(dim=-1, keepdim=True)
+        return torch.where(row > 0, x / row.clamp_min(1e-300), torch.zeros_like(x)), {"scale_mode": mode, "scale": top, "c": 0.0}
+    return x / top, {"scale_mode": "linear", "scale": top, "c": 0.0}
+
+
+def attention_map(trace, layer: int, head: int, kind: str = "forward", scale: str = "linear") -> tuple[dict, list[bytes]]:
+    """One head's T x T map: forward A as uint8 (0..1), reversed RA as int8 of `signed_scale(RA, scale)`
+    (meta "scale" = max |RA|; "scale_mode" and "c" say how to read the colours)."""
     if kind == "forward":
         m = trace.attention(layer)[head]
         return {"layer": layer, "head": head, "kind": kind, "n": m.shape[0], "scale": 1.0, "dtype": "u8"}, [_u8(m)]
-    m = trace.reversed_attention(layer)[head]
-    data, scale = _i8(m)
-    return {"layer": layer, "head": head, "kind": kind, "n": m.shape[0], "scale": scale, "dtype": "i8"}, [data]
+    shown, info = signed_scale(trace.reversed_attention(layer)[head], scale)
+    data = (shown * 127).round().to(torch.int8).contiguous().numpy().tobytes()
+    return {"layer": layer, "head": head, "kind": kind, "n": shown.shape[0], "dtype": "i8", **info}, [data]
+
+
+def attention_sum(trace, layer: int, head: int, kind: str, positions, axis: str = "rows") -> tuple[dict, list[bytes]]:
+    """A selection of several positions S: the sum over the query rows i in S of A[i, :] ("rows", [T]: where
+    the set looks) or over the key columns j in S of A[:, j] ("cols", [T]: who looks at the set); RA the same.
+    Returns meta (positions, axis, max |value|) and float32 [T]."""
+    m = trace.attention(layer)[head] if kind == "forward" else trace.reversed_attention(layer)[head]
+    idx = torch.tensor(sorted(set(positions)), dtype=torch.long)
+    v = m.double()[idx].sum(0) if axis == "rows" else m.double()[:, idx].sum(1)
+    return ({"layer": layer, "head": head, "kind": kind, "axis": axis, "positions": idx.tolist(), "n": v.shape[0],
+             "max": float(v.abs().max())}, [v.float().contiguous().numpy().tobytes()])
 
 
 def thumbnails(trace, layer: int, kind: str = "forward", size: int = 32) -> tuple[dict, list[bytes]]:
@@ -143,6 +177,17 @@ def backward_table(trace) -> tuple[dict, list[bytes]]:
     bufs = [_i32(p) for p in parts] + [bl.ff2.norm.float().contiguous().numpy().tobytes(),
                                        _i32(bl.ff2.target_rank), _i32(bl.ff1.target_rank)]
     return meta, bufs
+
+
+def backward_cell(trace, layer: int, position: int, part: str = "ff2", k: int = 10) -> dict:
+    """One Backward Lens cell in full: the top-k and bottom-k tokens of the FF2 gradient delta ("ff2") or the
+    FF1 input x ("ff1") at (layer, position), the target's rank (0 = top) and the vector's norm."""
+    bl = backward_lens(trace, k=k, layers=[layer])
+    grid = bl.ff2 if part == "ff2" else bl.ff1
+    row = lambda t: [{"token": tok, "prob": float(p)} for tok, p in zip(t.tokens[0][position], t.probs[0, position].tolist())]  # noqa: E731
+    return {"layer": layer, "position": position, "part": part, "normalize": bl.normalize,
+            "target_rank": int(grid.target_rank[0, position]), "norm": float(grid.norm[0, position]),
+            "top": row(grid.top), "bottom": row(grid.bottom)}
 
 
 FLOW_ROWS = {"block_input": 0, "attn_input": 1, "qkv": 2, "head_query": 3, "memory_key": 4, "memory_value": 5,

@@ -133,11 +133,11 @@ def snapshot_html(ex) -> str:
                  f"{len(toks)} tokens · static snapshot: run the notebook for the interactive view</span></div>")
     parts.append(f'<div class="s-prompt">{_e(ex.prompt)}</div>')
     line = (f'p(<b>{_e(_show(s["target"]))}</b>) = <span class="s-prob">{percent(b["target_prob"])}</span> '
-            f'rank {b["target_rank"]}')
+            f'rank {b["target_rank"] + 1}')
     if d.get("prob_after") is not None:
         up = d["prob_after"] >= d["prob_before"]
         line += (f' <span class="{"s-up" if up else "s-down"}">{"▲" if up else "▼"} patched: '
-                 f'{percent(d["prob_after"])} rank {d["rank_after"]} · KL {d["kl"]:.3f}</span>'
+                 f'{percent(d["prob_after"])} rank {d["rank_after"] + 1} · KL {d["kl"]:.3f}</span>'
                  f' <code>{_e(ex.code)}</code>')
     line += " · next: " + ", ".join(f"{_e(_show(t['token']))} {percent(t['prob'])}" for t in s["top"][:3])
     parts.append(f'<div class="s-line">{line}</div>')

@@ -1,9 +1,11 @@
 // Attention and Reversed Attention: per-head norm grid (click selects layer and head), the selected
 // layer's head thumbnails, and one large T x T map (triangle masked; RA on a diverging scale).
 export function mount(ctx, box, kind) {
-  const { h, show, clip, f32, u8, i8, green, purple, diverging, drawMap, markerColour, gridKeys } = ctx.util;
+  const { h, show, clip, f32, u8, i8, green, purple, diverging, markerColour, gridKeys } = ctx.util;
   const m = ctx.model;
-  let both = false, token = 0;
+  let both = false, token = 0, scaleMode = "symlog", sumAxis = "rows";
+  const { paintMap } = ctx.vgrid;
+  const paint = (canvas, n, value, colour, px) => paintMap(canvas, n, value, colour, px, ctx.util.maskedColour());
   const alive = ctx.alive;
   const norms = h("div", { class: "lv-norms" });
   norms.addEventListener("keydown", (e) => {
@@ -19,8 +21,13 @@ export function mount(ctx, box, kind) {
   const side = kind === "reversed" ? h("label", { class: "lv-side" },
     h("input", { type: "checkbox", class: "lv-side-by-side", onchange: (e) => { both = e.target.checked; drawBig(); } }),
     " side by side with forward") : null;
+  const scaleSel = kind === "reversed" ? h("select", { class: "lv-ra-scale", "aria-label": "Reversed Attention colour scale",
+    onchange: (e) => { scaleMode = e.target.value; drawBig(); } }, ...ctx.scales.MODES.map(([v, label]) => h("option", { value: v, text: "scale: " + label }))) : null;
+  const axisSel = h("select", { class: "lv-sum-axis", "aria-label": "sum the selected positions over",
+    onchange: (e) => { sumAxis = e.target.value; drawBig(); } },
+    h("option", { value: "rows", text: "set: sum of query rows" }), h("option", { value: "cols", text: "set: sum of key columns" }));
   box.append(h("div", { class: "lv-title" }, h("b", { text: kind === "reversed" ? "Reversed Attention ‖RA‖" : "Attention ‖A‖" }),
-    " per head (click to select) ", side), norms, thumbs, note, bigs);
+    " per head (click to select) ", side, " ", scaleSel, " ", axisSel), norms, thumbs, note, bigs);
 
   function drawNorms() {
     const meta = m.get("norms_meta"); if (!meta || !meta.shape) return;
@@ -62,7 +69,7 @@ export function mount(ctx, box, kind) {
       thumbs.replaceChildren(...Array.from({ length: meta.heads }, (_, k) => {
         const c = h("canvas", { class: "lv-thumb" + (k === sel.head ? " lv-selected" : ""), title: `L${sel.layer}H${k}`, "data-head": k,
           role: "img", "aria-label": `head ${k} of layer ${sel.layer} (thumbnail)` });
-        drawMap(c, n, (i, j) => vals[k * n * n + i * n + j] / (meta.dtype === "u8" ? 255 : 127),
+        paint(c, n, (i, j) => vals[k * n * n + i * n + j] / (meta.dtype === "u8" ? 255 : 127),
           meta.dtype === "u8" ? green : diverging, px);
         c.addEventListener("click", () => ctx.select({ head: k }));
         return c;
@@ -71,23 +78,47 @@ export function mount(ctx, box, kind) {
   }
 
   async function oneMap(k, sel) {
-    const { meta, buffers } = await ctx.request("attention", { layer: sel.layer, head: sel.head, kind: k });
+    const { meta, buffers } = await ctx.request("attention", { layer: sel.layer, head: sel.head, kind: k,
+      ...(k === "reversed" ? { scale: scaleMode } : {}) });
     const n = meta.n, vals = meta.dtype === "u8" ? u8(buffers[0]) : i8(buffers[0]);
-    const px = Math.max(2, Math.min(24, Math.floor(420 / n)));
+    const px = n > 210 ? 1 : Math.max(2, Math.min(24, Math.floor(420 / n)));
     const canvas = h("canvas", { class: "lv-map lv-map-" + k, "data-layer": sel.layer, "data-head": sel.head, role: "img",
       "aria-label": `${k === "forward" ? "attention" : "Reversed Attention"} map of layer ${sel.layer} head ${sel.head}, ${n} by ${n}, rows are queries` });
-    drawMap(canvas, n, (i, j) => vals[i * n + j] / (meta.dtype === "u8" ? 255 : 127), k === "forward" ? green : diverging, px);
+    paint(canvas, n, (i, j) => vals[i * n + j] / (meta.dtype === "u8" ? 255 : 127), k === "forward" ? green : diverging, px);
     const g = canvas.getContext("2d");
     if (sel.position !== undefined) { g.strokeStyle = markerColour(); g.lineWidth = 2; g.strokeRect(0, sel.position * px, (sel.position + 1) * px, px); }
+    for (const p of (sel.positions && sel.positions.length > 1 ? sel.positions : [])) {   // the selected set's rows / columns
+      g.strokeStyle = markerColour(); g.lineWidth = 1;
+      if (sumAxis === "rows") g.strokeRect(0, p * px, (p + 1) * px, px); else g.strokeRect(p * px, p * px, px, (n - p) * px);
+    }
     canvas.addEventListener("click", (e) => {
       const r = canvas.getBoundingClientRect(), i = Math.floor((e.clientY - r.top) / px);
       if (i >= 0 && i < n) ctx.select({ position: i });
     });
     const toks = m.get("tokens");
     const label = `${k === "forward" ? "A" : "RA"} L${sel.layer}H${sel.head}` +
-      (k === "reversed" ? ` (max |RA| ${meta.scale.toPrecision(3)}; red < 0 < blue)` : "") +
+      (k === "reversed" ? ` (max |RA| ${meta.scale.toPrecision(3)})` : "") +
       ` · row = query ${sel.position} ${clip(show(toks[sel.position] || ""), 12)}`;
-    return h("figure", { class: "lv-fig" }, canvas, h("figcaption", { text: label }));
+    const positions = sel.positions && sel.positions.length > 1 ? sel.positions : null;
+    const sum = positions ? await setSum(k, sel, positions) : null;
+    return h("figure", { class: "lv-fig" }, canvas, h("figcaption", { text: label }),
+      k === "reversed" ? ctx.scales.legend(h, diverging, meta) : null, sum);
+  }
+
+  // Several selected positions: the sum of their query rows (where the set looks) or key columns (who
+  // looks at the set), as one strip of T cells under the map, with the numbers on hover.
+  async function setSum(k, sel, positions) {
+    const { meta, buffers } = await ctx.request("attention_sum", { layer: sel.layer, head: sel.head, kind: k, positions, axis: sumAxis });
+    const v = f32(buffers[0]), n = meta.n, px = n > 210 ? 1 : Math.max(2, Math.min(24, Math.floor(420 / n)));
+    const c = h("canvas", { class: "lv-sum-strip lv-sum-" + k, width: n * px, height: 18, role: "img", "data-axis": meta.axis,
+      "data-positions": meta.positions.join(","), "aria-label": `sum over ${meta.axis === "rows" ? "query rows" : "key columns"} ${meta.positions.join(", ")}` });
+    const g = c.getContext("2d"), M = meta.max || 1;
+    for (let j = 0; j < n; j++) { g.fillStyle = k === "forward" ? green(v[j] / M) : diverging(v[j] / M); g.fillRect(j * px, 0, px, 18); }
+    c.addEventListener("mousemove", (e) => { const j = Math.floor((e.clientX - c.getBoundingClientRect().left) / px);
+      if (j >= 0 && j < n) c.title = `${meta.axis === "rows" ? "key" : "query"} ${j}: ${v[j].toPrecision(4)}`; });
+    c.dataset.values = Array.from(v, (x) => x.toPrecision(6)).join(",");
+    return h("div", { class: "lv-sum" }, h("div", { class: "lv-subtitle", text:
+      `set {${meta.positions.join(", ")}}: sum of ${meta.axis === "rows" ? "their query rows (where they look)" : "their key columns (who looks at them)"} · max ${M.toPrecision(3)}` }), c);
   }
 
   async function drawBig() {

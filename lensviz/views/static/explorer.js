@@ -66,6 +66,7 @@ function makeContext(model, el, util) {
       model.save_changes();
     },
     setPatches(list) { ctx.run({ patches: list }); },
+    send(msg) { sendOrSay(msg); },
   };
   const ctx = makeScope(base, model, bus);
   const note = util.h("div", { class: "lv-kernel-note", role: "status", "aria-live": "polite" });
@@ -142,6 +143,8 @@ async function render({ model, el }) {
   }
   const util = mods.util;
   const ctx = makeContext(model, el, util);
+  ctx.vgrid = mods.vgrid;            // long-prompt helpers (windowed grids, one-pass maps)
+  ctx.scales = mods.scales;          // signed-map colour scales and their drawn legend
   const { h } = util;
   followTheme(ctx, el, util);
   const header = h("div", { class: "lv-header" });
@@ -152,10 +155,13 @@ async function render({ model, el }) {
   const tabs = h("div", { class: "lv-tabs", role: "tablist", "aria-label": "views" });
   const panel = h("div", { class: "lv-panel", role: "tabpanel" });
   const patchBox = h("div", { class: "lv-patchbox", role: "group", "aria-label": "patches" });
+  const stepBox = h("div", { class: "lv-stepbox", role: "group", "aria-label": "generation" });
   main.append(left, right);
   right.append(tabs, panel);
-  el.replaceChildren(header, strip, main, patchBox, ctx.kernelNote);   // the note sticks to the bottom of the view
+  el.replaceChildren(header, stepBox, strip, main, patchBox, ctx.kernelNote);   // the note sticks to the bottom of the view
 
+  mods.livefeel.install(ctx, el, header);
+  mods.steps.mount(ctx, stepBox);
   mods.tokens.mount(ctx, header, strip);
   mods.logitlens.mount(ctx, left);
   const views = {

@@ -17,41 +17,61 @@ export function mount(ctx, box) {
   box.append(h("div", { class: "lv-title" }, h("b", { text: "Logit lens " }), siteSel, " ", modeSel),
     h("div", { class: "lv-grid-wrap" }, table), tip);
 
+  // Long prompts: only the columns in view are drawn (vgrid.js), the rest stand as spacer cells.
+  const { visibleColumns, spacer, onScroll, scrollToColumn, COL_PX, WINDOW_FROM } = ctx.vgrid;
+  const wrap = box.querySelector(".lv-grid-wrap");
+  ctx.onDispose(onScroll(wrap, () => { const [T] = [(m.get("tokens") || []).length]; if (T >= WINDOW_FROM) draw(); }));
   function draw() {
     const meta = m.get("grid_meta"); if (!meta || !meta.shape) return;
     for (const r of siteSel.querySelectorAll("input")) r.checked = r.value === meta.site;
     const [L, T] = meta.shape, ids = i32(m.get("grid_ids")), probs = u8(m.get("grid_probs")), ranks = i32(m.get("grid_ranks"));
     const sel = m.get("selection") || {}, toks = m.get("tokens");
+    const set = new Set(sel.positions || []);
     const vocab = (m.get("summary") || {}).vocab_size || 2;
     const changed = (m.get("diff") || {}).changed;
     const refocus = table.contains(document.activeElement);
-    const head = h("tr", {}, h("th", { text: "", role: "columnheader" }), ...toks.map((t, j) => h("th", {
-      role: "columnheader", class: "lv-col" + (j === sel.position ? " lv-selected" : ""), title: JSON.stringify(t), text: clip(show(t), 6) })));
+    const windowed = T >= WINDOW_FROM;
+    table.classList.toggle("lv-windowed", windowed);
+    const [c0, c1] = visibleColumns(wrap, T);
+    const fixed = windowed ? { minWidth: COL_PX + "px", maxWidth: COL_PX + "px", width: COL_PX + "px" } : undefined;
+    const head = h("tr", {}, h("th", { text: "", role: "columnheader" }), spacer(h, "th", c0), ...toks.slice(c0, c1).map((t, jj) => {
+      const j = c0 + jj;
+      return h("th", { role: "columnheader", class: "lv-col" + (j === sel.position ? " lv-selected" : "") + (set.has(j) ? " lv-in-set" : ""),
+        title: `position ${j}: ${JSON.stringify(t)}`, text: clip(show(t), 6), style: fixed });
+    }), spacer(h, "th", T - c1));
     const rows = [head];
     for (let l = L - 1; l >= 0; l--) {
-      const cells = [h("th", { role: "rowheader", class: "lv-rowh" + (l === sel.layer ? " lv-selected" : ""), text: "L" + l })];
-      for (let j = 0; j < T; j++) {
+      const cells = [h("th", { role: "rowheader", class: "lv-rowh" + (l === sel.layer ? " lv-selected" : ""), text: "L" + l }), spacer(h, "td", c0)];
+      for (let j = c0; j < c1; j++) {
         const k = l * T + j, p = probs[k] / 255, tok = meta.strings[String(ids[k])];
         const bg = mode === "prob" ? green(p) : rankColour(ranks[k], vocab);
         const isSel = l === sel.layer && j === sel.position;
         const td = h("td", {
           role: "gridcell", tabindex: isSel ? "0" : "-1", "aria-selected": String(isSel),
-          "aria-label": `layer ${l}, position ${j}: ${JSON.stringify(tok)}, p ${pct(p)}, target rank ${ranks[k]}`,
-          class: "lv-cell" + (j === sel.position ? " lv-colsel" : "") + (isSel ? " lv-selected" : "")
+          "aria-label": `layer ${l}, position ${j}: ${JSON.stringify(tok)}, p ${pct(p)}, target rank ${ranks[k] + 1}`,
+          class: "lv-cell" + (j === sel.position ? " lv-colsel" : "") + (isSel ? " lv-selected" : "") + (set.has(j) ? " lv-in-set" : "")
             + (changed && changed[l] && changed[l][j] ? " lv-changed" : ""),
-          "data-layer": l, "data-pos": j, "data-token": tok, "data-rank": ranks[k],
-          style: { background: bg, color: ink(bg) }, text: clip(show(tok), 7),
+          "data-layer": l, "data-pos": j, "data-token": tok, "data-rank": ranks[k] + 1,
+          style: fixed ? { background: bg, color: ink(bg), ...fixed } : { background: bg, color: ink(bg) }, text: clip(show(tok), 7),
           onclick: () => ctx.select({ layer: l, position: j }),
           onmouseenter: (e) => hover(l, j, e.target),
           onmouseleave: () => { tip.style.display = "none"; },
         });
         cells.push(td);
       }
-      rows.push(h("tr", {}, ...cells));
+      cells.push(spacer(h, "td", T - c1));
+      rows.push(h("tr", {}, ...cells.filter(Boolean)));
     }
-    table.replaceChildren(...rows);
+    table.replaceChildren(...rows.map((r) => r));
+    table.dataset.columns = `${c0}-${c1}`;
     if (refocus) { const f = table.querySelector('td[tabindex="0"]'); if (f) f.focus(); }
   }
+  let lastPos = null;
+  const follow = () => {      // keep the selected column in view on a windowed grid
+    const sel = m.get("selection") || {}, T = (m.get("tokens") || []).length;
+    if (sel.position !== lastPos) { lastPos = sel.position; scrollToColumn(wrap, T, sel.position); }
+    draw();
+  };
   // Up goes to a higher layer (rows are drawn from the last layer down).
   table.addEventListener("keydown", (e) => {
     const meta = m.get("grid_meta"), sel = m.get("selection") || {};
@@ -77,12 +97,13 @@ export function mount(ctx, box) {
     try {
       const { meta } = await ctx.request("cell", { layer: l, position: j, site: m.get("site") });
       if (hoverKey !== `${l}:${j}` || !ctx.alive()) return;
-      tip.replaceChildren(h("div", { class: "lv-tip-title", text: `layer ${l}, position ${j} (${meta.site}) · target rank ${meta.target_rank} · ‖h‖ ${meta.norm.toFixed(2)}` }),
+      tip.replaceChildren(h("div", { class: "lv-tip-title", text: `layer ${l}, position ${j} (${meta.site}) · target rank ${meta.target_rank + 1} (1 = top) · ‖h‖ ${meta.norm.toFixed(2)}` }),
         ...meta.top.map((t) => h("div", { class: "lv-bar-row" }, h("span", { class: "lv-bar", style: { width: Math.max(2, 120 * t.prob) + "px" } }),
           h("span", { class: "lv-tok", text: show(t.token) }), " ", pct(t.prob))));
     } catch (err) { tip.textContent = String(err.message || err); }
   }
-  for (const k of ["grid_meta", "grid_ids", "selection", "tokens", "diff", "summary"]) ctx.on("change:" + k, draw);
+  for (const k of ["grid_meta", "grid_ids", "tokens", "diff", "summary"]) ctx.on("change:" + k, draw);
+  ctx.on("change:selection", follow);
   ctx.on("lv:theme", draw);
   ctx.on("lv:restore", () => { tip.style.display = "none"; });
   draw();

@@ -15,7 +15,7 @@ export function mount(ctx, box) {
       const { meta } = await ctx.request("search", { token: q.value });
       hits.replaceChildren(...meta.hits.map((r) => h("div", { class: "lv-hit" },
         h("button", { class: "lv-chip", text: `L${r.layer} #${r.dim}`, onclick: () => ctx.select({ layer: r.layer }) }),
-        ` rank ${r.rank} · `, h("span", { class: "lv-tok", text: r.tokens.map(show).join(" ") }))));
+        ` rank ${r.rank + 1} · `, h("span", { class: "lv-tok", text: r.tokens.map(show).join(" ") }))));
       if (!meta.hits.length) hits.textContent = "no value vector has it in its top tokens";
     } catch (err) { hits.textContent = String(err.message || err); }
   });

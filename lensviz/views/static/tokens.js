@@ -25,12 +25,12 @@ export function mount(ctx, header, strip) {
     if (!s || s.target === undefined) return;
     pred.append(h("span", { class: "lv-p" }, "p(", h("b", { class: "lv-tok", text: show(s.target) }), ") = ",
       h("span", { class: "lv-target-prob", "data-prob": b.target_prob, text: pct(b.target_prob) }),
-      " rank ", h("span", { class: "lv-target-rank", text: String(b.target_rank) })));
+      " rank ", h("span", { class: "lv-target-rank", title: "1 = top", text: String(b.target_rank + 1) })));
     if (d && d.prob_after !== undefined) {
       const up = d.prob_after >= d.prob_before;
       pred.append(h("span", { class: "lv-diff " + (up ? "lv-up" : "lv-down") }, up ? " ▲" : " ▼", " patched: ",
         h("span", { class: "lv-patched-prob", "data-prob": d.prob_after, text: pct(d.prob_after) }),
-        " rank ", h("span", { class: "lv-patched-rank", text: String(d.rank_after) }),
+        " rank ", h("span", { class: "lv-patched-rank", title: "1 = top", text: String(d.rank_after + 1) }),
         ` · KL ${d.kl.toFixed(3)} · top-1 ${show(d.top1_after)} · ${d.changes.length} cells changed`));
     }
     pred.append(h("span", { class: "lv-next" }, " next: ",
@@ -45,15 +45,20 @@ export function mount(ctx, header, strip) {
   const syncStrip = () => {
     const toks = m.get("tokens"), sel = m.get("selection") || {};
     const [a, b] = sel.range || [sel.position, sel.position];
+    const set = new Set(sel.positions || []);
     const refocus = strip.contains(document.activeElement);
     strip.replaceChildren(...toks.map((t, i) => h("button", {
-      class: "lv-token" + (i >= Math.min(a, b) && i <= Math.max(a, b) ? " lv-selected" : ""),
+      class: "lv-token" + (i >= Math.min(a, b) && i <= Math.max(a, b) ? " lv-selected" : "") + (set.has(i) ? " lv-in-set" : ""),
       "data-pos": i, title: `position ${i}: ${JSON.stringify(t)}`, text: show(t),
       tabindex: i === sel.position ? "0" : "-1", "aria-pressed": String(i === sel.position),
       "aria-label": `token ${i}: ${JSON.stringify(t)}`,
+      // Shift-click adds a position to (or removes it from) the selected set; a plain click selects one.
       onclick: (e) => {
-        if (e.shiftKey) ctx.select({ range: [sel.position, i] });
-        else ctx.select({ position: i, range: null });
+        if (e.shiftKey) {
+          const s = new Set(sel.positions && sel.positions.length ? sel.positions : [sel.position]);
+          if (s.has(i) && s.size > 1) s.delete(i); else s.add(i);
+          ctx.select({ positions: [...s].sort((x, y) => x - y), position: i, range: null });
+        } else ctx.select({ position: i, range: null, positions: null });
       },
     })));
     if (refocus) { const f = strip.querySelector('[tabindex="0"]'); if (f) f.focus(); }
