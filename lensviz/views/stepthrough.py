@@ -68,14 +68,24 @@ def check_selection(sel, n_tokens: int, n_layers: int, n_heads: int) -> dict:
     return out
 
 
+class _Step(traitlets.TraitType):
+    """The step traitlet: every value (None too) goes through the owner's _validate_step (LensvizError)."""
+
+    allow_none = False        # None then reaches validate too, and gets lensviz's message
+
+    def validate(self, obj, value):
+        return obj._validate_step(value)
+
+
 class StepThrough(traitlets.HasTraits):
     """Generation step-through and background runs; the Explorer provides lens, base, trace, run(),
     _guarded(), _patch_objs, error, done_seq and send()."""
 
     # -1 = not generating; else the step shown (prompt + `step` generated tokens, target = token `step`)
-    step = traitlets.Any(-1).tag(sync=True)   # an int; checked by _validate_step
+    step = _Step(-1).tag(sync=True)
     generated = traitlets.List().tag(sync=True)
     generation = traitlets.Dict().tag(sync=True)
+    runs = traitlets.Int(0).tag(sync=True)   # widget jobs (runs of the model) the kernel has carried out
 
     def generate(self, n: int = 20, *, sample: bool = False, seed: int | None = None) -> None:
         """Generate `n` tokens from the prompt (greedy, or sampled with `seed`) with the current patch set
@@ -125,10 +135,10 @@ class StepThrough(traitlets.HasTraits):
             return ""
         return f" · step {self.step} of {len(st)} (target = generated token {self.step})"
 
-    @traitlets.validate("step")
-    def _validate_step(self, proposal):
-        k = proposal["value"]
-        if self._stepping is None:
+    def _validate_step(self, k):
+        if getattr(self, "_step_reverting", False):
+            return k
+        if getattr(self, "_stepping", None) is None:
             if k == -1:
                 return k
             raise LensvizError("step needs a generation: lv.Explorer(lens, prompt, generate=20), ex.generate(20) "
@@ -137,8 +147,17 @@ class StepThrough(traitlets.HasTraits):
 
     @traitlets.observe("step")
     def _step_changed(self, change):
-        if change["new"] >= 0 and self._stepping is not None:
+        if change["new"] < 0 or self._stepping is None or getattr(self, "_step_reverting", False):
+            return
+        try:
             self._show_step(change["new"])
+        except Exception:        # a failed or stopped step: the step shown stays the one on screen
+            self._step_reverting = True
+            try:
+                self.step = change["old"]
+            finally:
+                self._step_reverting = False
+            raise
 
     @traitlets.observe("selection")
     def _selection_changed(self, change):
@@ -159,6 +178,7 @@ class StepThrough(traitlets.HasTraits):
 
         def go():
             self._guarded(fn)
+            self.runs += 1
             self.done_seq = seq
         self._worker.submit(go)
 

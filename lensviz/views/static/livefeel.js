@@ -43,5 +43,7 @@ export function install(ctx, el, box) {
     text.textContent = `running ${Number(msg.seconds).toFixed(1)} s · ${done} layers done (${msg.stage}, ${L} per pass)`;
   });
   ctx.on("lv:restore", () => { inflight = 0; queued = null; hide(); mark(); });
+  const runs = () => { el.dataset.lvRuns = String(m.get("runs") || 0); };
+  ctx.on("change:runs", runs); runs();
   mark();
 }
