@@ -40,7 +40,7 @@ def _named(draw):
     @functools.wraps(draw)
     def wrapper(trace, *args, **kwargs):
         fig = draw(trace, *args, **kwargs)
-        name = getattr(getattr(trace, "_lens", None), "name", None)
+        name = getattr(getattr(trace, "lens", None), "name", None)
         if kwargs.get("ax") is None and name:
             fig.supxlabel(name, x=0.995, ha="right", fontsize=7, color="0.4", parse_math=False)
         return fig

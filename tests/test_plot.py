@@ -188,8 +188,9 @@ def test_backward_lens_tables(trace, tmp_path):
                     assert texts[(layer, pos)] == "· 0 ·"
     blue, purple = white_to
     assert blue[2] > blue[0] and purple[0] > purple[1] and purple[2] > purple[1]
-    # the last layer's delta is zero except at the last position (no path to the loss)
-    assert [texts[(n_l - 1, p)] == "· 0 ·" for p in range(t)] == [True] * (t - 1) + [False]
+    # the last layer's delta is zero except at the positions the loss reads (no other path to the loss)
+    explained = set(trace.explained_positions)
+    assert explained and [texts[(n_l - 1, p)] == "· 0 ·" for p in range(t)] == [p not in explained for p in range(t)]
 
 
 def test_target_rank_by_layer(trace, tmp_path):

@@ -65,7 +65,8 @@ def average_reversed_attention(lens, prompts, targets, layers=None) -> dict[int,
 
     prompts: list of str (or segment lists); targets: one target per prompt (str/int), or a single target
     for all. These are the maps the Reversed Attention paper (Katz & Wolf) patches with: one map per layer
-    for every prompt of that token length.
+    for every prompt of that token length. Each map explains the first token of its target (the maps
+    cover the prompt's T positions, so a multi-token target is not appended).
     """
     if isinstance(prompts, str) or not prompts:
         raise LensvizError("prompts must be a non-empty list of prompts")
@@ -79,7 +80,7 @@ def average_reversed_attention(lens, prompts, targets, layers=None) -> dict[int,
         raise LensvizError(f"averaged maps need prompts of one token length; got lengths {sorted(lengths)}")
     total: dict[int, torch.Tensor] = {}
     for prompt, target in zip(prompts, targets):
-        tr = lens.trace(prompt, target=target)
+        tr = lens.trace(prompt, target=target, target_mode="first")
         for layer in check_layer_list(layers, tr.n_layers):
             ra = tr.reversed_attention(layer)
             total[layer] = ra if layer not in total else total[layer] + ra

@@ -69,12 +69,12 @@ def check_selection(sel, n_tokens: int, n_layers: int, n_heads: int) -> dict:
 
 
 class _Step(traitlets.TraitType):
-    """The step traitlet: every value (None too) goes through the owner's _validate_step (LensvizError)."""
+    """The step traitlet: every value (None too) goes through the owner's validate_step (LensvizError)."""
 
     allow_none = False        # None then reaches validate too, and gets lensviz's message
 
     def validate(self, obj, value):
-        return obj._validate_step(value)
+        return obj.validate_step(value)
 
 
 class StepThrough(traitlets.HasTraits):
@@ -135,7 +135,7 @@ class StepThrough(traitlets.HasTraits):
             return ""
         return f" · step {self.step} of {len(st)} (target = generated token {self.step})"
 
-    def _validate_step(self, k):
+    def validate_step(self, k):
         if getattr(self, "_step_reverting", False):
             return k
         if getattr(self, "_stepping", None) is None:

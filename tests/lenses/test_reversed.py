@@ -38,8 +38,8 @@ def test_compare_gives_both_maps_and_consistent_numbers(tiny):
 
 def test_average_over_equal_length_prompts(tiny):
     prompts = ["I visited the city of", "I visited the city of"]
-    a = tiny.trace(prompts[0], target=" Paris").reversed_attention(2)
-    b = tiny.trace(prompts[1], target=" Tokyo").reversed_attention(2)
+    a = tiny.trace(prompts[0], target=" Paris", target_mode="first").reversed_attention(2)
+    b = tiny.trace(prompts[1], target=" Tokyo", target_mode="first").reversed_attention(2)
     avg = rev.average_reversed_attention(tiny, prompts, [" Paris", " Tokyo"], layers=[2])
     assert list(avg) == [2]
     assert torch.allclose(avg[2], (a + b) / 2, atol=1e-15)
