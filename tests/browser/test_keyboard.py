@@ -14,8 +14,9 @@ from tests.browser.pagecheck import focused
 from tests.browser.test_explorer import CELLS, expected_prob
 
 # The tab order through one Explorer (each a distinct stop), as (class or role) markers.
-ORDER = ["lv-prompt", "lv-target", "lv-run", "lv-token", "radio", "lv-colour", "lv-cell", "tab",
-         "lv-norm-cell", "lv-top-head", "lv-eta", "lv-eta-layers", "lv-eta-heads", "lv-ablate",
+ORDER = ["lv-prompt", "lv-target", "lv-run", "INPUT.lv-gen-n", "INPUT.lv-gen-sample", "INPUT.lv-gen-seed",
+         "BUTTON.lv-generate", "lv-token", "radio", "lv-colour", "lv-cell", "tab", "SELECT.lv-sum-axis",
+         "lv-norm-cell"] + ["lv-top-head"] * 6 + ["lv-eta", "lv-eta-layers", "lv-eta-heads", "lv-ablate",
          "lv-segments", "lv-topk", "lv-topk-k", "lv-reset", "lv-copy"]
 
 
