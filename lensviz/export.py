@@ -10,6 +10,7 @@ import json
 import pathlib
 
 from .errors import LensvizError
+from .views import payload
 
 _SHIM = r"""
 // A stand-in for the anywidget model: state from the export, answers to view requests from a table.
@@ -75,8 +76,11 @@ def _requests(ex) -> list[dict]:
     kinds = ["forward", "reversed"] if tr.has_backward else ["forward"]
     map_layers = range(n_layers) if t <= 64 else [sel["layer"]]
     reqs = [{"what": "thumbs", "layer": layer, "kind": k} for layer in range(n_layers) for k in kinds]
-    reqs += [{"what": "attention", "layer": layer, "head": h, "kind": k}
-             for layer in map_layers for h in range(n_heads) for k in kinds]
+    reqs += [{"what": "attention", "layer": layer, "head": h, "kind": "forward"}
+             for layer in map_layers for h in range(n_heads)]
+    if tr.has_backward:   # the reversed map is asked for with its colour scale (payload.MAP_SCALES)
+        reqs += [{"what": "attention", "layer": layer, "head": h, "kind": "reversed", "scale": s}
+                 for layer in map_layers for h in range(n_heads) for s in payload.MAP_SCALES]
     positions = range(t) if n_layers * t <= 1500 else [sel["position"]]
     reqs += [{"what": "cell", "layer": layer, "position": p, "site": ex.site} for layer in range(n_layers)
              for p in positions]
