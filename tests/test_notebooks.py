@@ -123,6 +123,20 @@ def test_the_tour_saves_the_explorer_widget_state():
     assert not any("GGUF" in r or "it/s" in r for r in reprs), "no progress bars in the saved outputs"
 
 
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_saved_notebook_names_the_model_and_holds_no_machine_path(path):
+    """Saved outputs and widget state read as the user's would: the embedded model by its name, never an
+    absolute path of the machine that built the notebook (issue 11's naming rule)."""
+    text = path.read_text(encoding="utf-8")
+    for fragment in (str(ROOT), "site-packages", "/root/", "/tmp/", "/home/"):
+        assert fragment not in text, f"{path.name} holds a machine path ({fragment!r})"
+    shown = [o["data"]["text/plain"] for c in _read(path).cells if c.cell_type == "code" for o in c.outputs
+             if o.output_type in ("display_data", "execute_result") and "text/plain" in o.get("data", {})]
+    for lens_repr in (r for r in shown if r.startswith("Lens(")):
+        assert lens_repr.startswith("Lens('SmolLM2-135M-Instruct (embedded)'"), \
+            f"{path.name}: a saved Lens repr without the model's name: {lens_repr[:80]}"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs_offline_with_nbval(path):
