@@ -12,6 +12,7 @@ import torch
 from .. import vocab
 from ..checks import check_dims, check_index, check_int
 from ..errors import LensvizError
+from .experts import expert_keys
 from .neurons import ValueTokens, value_vectors
 
 INVERSES = ("transpose", "pinv")
@@ -360,15 +361,21 @@ def head_top_pairs(lens, layer: int, head: int, kind: str = "ov", k: int = 50, *
 
 
 # single vectors: FFN keys / values, head columns / rows --------------------------------------------------
-def ffn_keys(lens, layer: int, part: str = "mlp_in", *, fold_norm: bool = False) -> torch.Tensor:
+def ffn_keys(lens, layer: int, part: str = "mlp_in", *, fold_norm: bool = False,
+             expert: int | None = None) -> torch.Tensor:
     """FFN keys k_i [F, D]: the columns of FF1 in [in, out] orientation (GPT-2 `c_fc.weight[:, i]`,
     Llama `up_proj.weight[i]`); part="mlp_gate" gives the SwiGLU gate keys. fold_norm multiplies by the
-    MLP-input norm gain (diag(gamma) k_i)."""
+    MLP-input norm gain (diag(gamma) k_i). expert (MoE): expert e's up (gate) keys, from its fused
+    gate/up matrix."""
     layer = _layer(lens, layer)
-    lens.adapter.require_dense_mlp("ffn_keys")
     if part not in ("mlp_in", "mlp_gate"):
         raise LensvizError(f"part must be 'mlp_in' or 'mlp_gate', got {part!r}")
-    if lens.adapter.gate_up:  # one fused [gate | up] matrix (Phi-3): gate rows first
+    if expert is not None:
+        gate, keys = lens.adapter.split_gate_up(expert_keys(lens, layer, expert).T)  # [D, F] each
+        keys = (gate if part == "mlp_gate" else keys).T
+    elif lens.adapter.moe:
+        lens.adapter.require_dense_mlp("ffn_keys without expert=")
+    elif lens.adapter.gate_up:  # one fused [gate | up] matrix (Phi-3): gate rows first
         gate, keys = lens.adapter.as_in_out(lens.weight(layer, "mlp_in")).T.chunk(2, dim=0)
         keys = gate if part == "mlp_gate" else keys
     elif getattr(lens.adapter, part) is None:
@@ -405,15 +412,16 @@ def project_write(lens, vectors: torch.Tensor, k: int = 10, *, space=None, botto
 
 
 def ffn_projections(lens, layer: int, part: str = "key", dims=None, k: int = 30, *, space=None,
-                    fold_norm: bool = False, bottom: bool = False) -> ValueTokens:
+                    fold_norm: bool = False, bottom: bool = False, expert: int | None = None) -> ValueTokens:
     """Projected FFN vectors of `layer`: part "key" (FF1, read side), "gate" (SwiGLU gate, read side) or
-    "value" (FF2 rows, write side); dims [n] (default all F). -> ValueTokens [n, k]."""
+    "value" (FF2 rows, write side); dims [n] (default all F); expert (MoE): expert e's. -> ValueTokens [n, k]."""
     if part not in ("key", "gate", "value"):
         raise LensvizError(f"part must be 'key', 'gate' or 'value', got {part!r}")
     dims = torch.arange(lens.d_mlp) if dims is None else check_dims(dims, lens.d_mlp)
     if part == "value":
-        return project_write(lens, value_vectors(lens, layer)[dims], k, space=space, bottom=bottom)
-    vec = ffn_keys(lens, layer, "mlp_in" if part == "key" else "mlp_gate", fold_norm=fold_norm)[dims]
+        return project_write(lens, value_vectors(lens, layer, expert)[dims], k, space=space, bottom=bottom)
+    vec = ffn_keys(lens, layer, "mlp_in" if part == "key" else "mlp_gate", fold_norm=fold_norm,
+                   expert=expert)[dims]
     return project_read(lens, vec, k, space=space, bottom=bottom)
 
 
