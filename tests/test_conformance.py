@@ -909,3 +909,84 @@ def test_adapter_paths_and_sizes_match_the_module_tree(family, lenses):
         ff1 = ad.as_in_out(lens.weight(0, "mlp_in")).shape
         assert ff1 == (dims.d_model, (2 if ad.gate_up else 1) * dims.d_mlp)
     assert model.get_submodule(ad.unembed).weight.shape[0] == dims.vocab_size
+
+
+QK_NORMED = [f for f in FAMILIES if any(k in f for k in ("qwen3", "olmo2", "gemma3", "cohere", "stablelm"))
+             or f == "phi"]
+POST_NORMED = [f for f in FAMILIES if CONFIGS[f].get("post_norm")]
+
+
+def _cos(a, b):
+    return torch.nn.functional.cosine_similarity(a, b, dim=-1)
+
+
+@pytest.mark.parametrize("family", QK_NORMED)
+def test_weight_lenses_fold_the_qk_norms(family, runs):
+    """circuit_weights' W_Q M_h (W_K M_g) is the q (k) norm's output direction: the norm module's real
+    output minus its bias is a positive multiple of x W_Q M + b_Q M (captured from the model's run)."""
+    from lensviz.lenses import embedding_space as es
+
+    lens, tr, _ = runs(family)
+    layer, t, dims = 1, len(tr), lens.dims
+    attn = lens.adapter.blocks_of(lens.model)[layer].get_submodule(lens.adapter.attn)
+    seen = {}
+    handles = []
+    for side in "qk":
+        norm = next(getattr(attn, n) for n in (f"{side}_norm", f"{side}_layernorm") if getattr(attn, n, None) is not None)
+        def keep(mod, args, out, side=side):
+            seen.setdefault(side, (args[0].detach(), out.detach(), mod))
+
+        handles.append(norm.register_forward_hook(keep))
+    try:
+        with torch.no_grad():
+            lens.model(tr.input_ids[None], use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    raw, folded = lens.attention_weights(layer), es.circuit_weights(lens, layer)
+    maps = lens.adapter.qk_norm_maps(lens.model, layer, dims)
+    x = tr.attn_input(layer)
+    for side, n in (("q", dims.n_heads), ("k", dims.n_kv_heads)):
+        inp, out, norm = seen[side]
+        as_thd = (lambda z: z[0].transpose(0, 1)) if inp.dim() == 4 and inp.shape[1] == n else \
+            (lambda z: z[0].reshape(t, n, dims.d_head))
+        b = raw["b" + side]
+        pre = torch.einsum("tD,hDd->thd", x, raw[side]) + (0 if b is None else b)
+        assert rel(as_thd(inp), pre) < 1e-12  # the norm's input is the raw projection
+        lin = torch.einsum("tD,hDd->thd", x, folded[side]) + (0 if b is None else torch.einsum("hd,hde->he", b, maps[side]))
+        bias = getattr(norm, "bias", None)
+        target = as_thd(out) - (0 if bias is None else bias.detach())
+        assert float((_cos(target, lin) - 1).abs().max()) < 1e-6  # same direction, positive factor
+        ratio = target.norm(dim=-1) / lin.norm(dim=-1)
+        assert torch.all(ratio > 0)
+    with pytest.raises(lv.LensvizError, match="q/k"):
+        es.head_attention(tr, layer)
+
+
+@pytest.mark.parametrize("family", POST_NORMED)
+def test_weight_lenses_fold_the_post_norms(family, runs):
+    """circuit_weights' W_O g: head h's write to the residual (frozen-scale decomposition) is
+    c_t O_h W_O g with c_t = 1 / rms of the summed attention output, the same positive factor for every
+    head at t; FFN value projections carry the post-MLP gain; an OV component edit acts on the folded W_O."""
+    from lensviz.lenses import composition, embedding_space as es
+
+    lens, tr, _ = runs(family)
+    layer = 1
+    folded = es.circuit_weights(lens, layer)
+    o = tr.head_values(layer)  # [H, T, d]
+    pred = torch.matmul(o, folded["o"].to(o.dtype))  # [H, T, D]
+    y = tr.recording.at("attn_y", layer)
+    norm = lens.adapter.blocks_of(lens.model)[layer].get_submodule(lens.adapter.post_attn_norm)
+    eps = getattr(norm, "eps", None) or getattr(norm, "variance_epsilon")
+    c = torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)  # [T, 1]
+    assert rel(tr.head_outputs(layer), c * pred) < T32
+    gain = lens.adapter.post_norm_gain(lens.model, layer, "mlp")
+    values = lens.adapter.as_in_out(lens.weight(layer, "mlp_out"))[:3] * gain
+    got = es.ffn_projections(lens, layer, "value", [0, 1, 2], k=5)
+    assert torch.equal(got.ids, es.project_write(lens, values, 5).ids)
+    before = composition.head_weights(lens, layer)
+    svd = composition.factored_svd(before["v"][0].double(), before["o"][0].double())
+    with composition.edited_component(lens, layer, 0, 0, alpha=0.0):
+        after = composition.head_weights(lens, layer)
+    expect = svd.matrix() - svd.S[0] * svd.U[:, :1] @ svd.V[:, :1].T
+    assert rel(after["v"][0].double() @ after["o"][0].double(), expect) < 1e-10

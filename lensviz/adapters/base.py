@@ -196,6 +196,50 @@ class Adapter:
         attn = self.blocks_of(model)[0].get_submodule(self.attn)
         return any(getattr(attn, name, None) is not None for name in QK_NORM_NAMES)
 
+    def post_norm_gain(self, model, layer: int, sublayer: str) -> torch.Tensor | None:
+        """The gain g [D] (Gemma: 1 + w) of block `layer`'s post-attention (sublayer "attn") or post-MLP
+        ("mlp") norm, detached on CPU; None where the family has none."""
+        path = self.post_attn_norm if sublayer == "attn" else self.post_mlp_norm
+        if path is None:
+            return None
+        w = getattr(self.blocks_of(model)[layer].get_submodule(path), "weight", None)
+        return None if w is None else w.detach().to("cpu") + self.norm_gain_offset
+
+    def qk_norm_maps(self, model, layer: int, dims: Dims) -> dict:
+        """The q/k norms of block `layer` as linear maps, for weight-only lenses: {"q": M [H, d, d] or None,
+        "k": M [H_kv, d, d] or None} (None: no norm on that side). A q/k norm turns head h's projection
+        q into g_h * P q / s(q) + b_h, with P = I - 11^T / d the centring of LayerNorm-type norms (Phi,
+        StableLM, Cohere; P = I for RMSNorm: Qwen 3, OLMo 2, Gemma 3), g_h its gain (Gemma's 1 + w; per
+        head in StableLM / Cohere, per channel over all heads in OLMo 2) and s(q) > 0 its scale. So
+        W_Q @ M_h with M_h = P diag(g_h) is the normed query map up to the positive factor 1 / s(q) and the
+        norm's bias (dropped, like every bias in the weight-only lenses); q/k norms come before RoPE."""
+        attn = self.blocks_of(model)[layer].get_submodule(self.attn)
+        out = {}
+        for side, n in (("q", dims.n_heads), ("k", dims.n_kv_heads)):
+            norm = next((getattr(attn, name) for name in (f"{side}_norm", f"{side}_layernorm")
+                         if getattr(attn, name, None) is not None), None)
+            if norm is None:
+                out[side] = None
+                continue
+            d = dims.d_head
+            per_head = getattr(norm, "norms", None)  # StableLM: one LayerNorm per head
+            if per_head is not None:
+                gains = torch.stack([m.weight.detach() for m in per_head]).to("cpu")
+            else:
+                w = getattr(norm, "weight", None)
+                w = torch.ones(d, dtype=torch.float64) if w is None else w.detach().to("cpu")
+                gains = w.reshape(-1, d).expand(n, d) if w.numel() in (d, n * d) else None
+                if gains is None:
+                    raise LensvizError(f"{self.family}: a {side} norm weight of shape {tuple(w.shape)} does not fit "
+                                       f"{n} heads of {d}")
+                gains = gains + (self.norm_gain_offset if "rms" in type(norm).__name__.lower() else 0.0)
+            m = torch.diag_embed(gains)
+            if "rms" not in type(norm).__name__.lower():  # LayerNorm-type: centre over the head's d entries
+                centre = torch.eye(d, dtype=m.dtype) - 1.0 / d
+                m = centre @ m
+            out[side] = m
+        return out
+
     def n_experts(self, config) -> int:
         """The number of experts of a MoE family (0 for dense MLPs)."""
         config = text_config(config)
