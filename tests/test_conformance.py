@@ -990,3 +990,21 @@ def test_weight_lenses_fold_the_post_norms(family, runs):
         after = composition.head_weights(lens, layer)
     expect = svd.matrix() - svd.S[0] * svd.U[:, :1] @ svd.V[:, :1].T
     assert rel(after["v"][0].double() @ after["o"][0].double(), expect) < 1e-10
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_expert_neuron_patch_on_mode(family, lenses):
+    """mode "on" with expert=e sets a_{e,i} to the layer's largest sub-update score at the last position
+    (over the experts routed there, brute force) + 0.01."""
+    from lensviz.lenses import neurons
+
+    lens = lenses(family)
+    layer, cells = 1, [0, 2]
+    base = lens.trace(PROMPT, target=TARGET)
+    e = int(base.router(layer)[0][-1, 0])
+    best = max(float(neurons.sub_updates(base, layer, list(range(lens.d_mlp)), positions=[-1], expert=x)[0]
+                     .norm(dim=-1).max()) for x in base.router(layer)[0][-1].tolist())
+    on = lens.trace(PROMPT, target=TARGET, patches=[lv.NeuronPatch(layer, cells, mode="on", expert=e)], base=base)
+    st = lens.trace(PROMPT, target=TARGET, patches=[lv.NeuronPatch(layer, cells, value=best + 0.01, expert=e)])
+    assert torch.allclose(on.logits, st.logits, atol=1e-12, rtol=0)
+    assert not torch.allclose(on.logits, base.logits, atol=1e-9, rtol=0)
