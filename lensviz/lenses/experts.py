@@ -51,6 +51,13 @@ def value_vectors(lens, layer: int, expert: int) -> tuple[torch.Tensor, torch.Te
     return values.detach().to("cpu"), None if bias is None else bias.detach().to("cpu")
 
 
+def value_norms(lens, layer: int) -> torch.Tensor:
+    """||value_{e,n}|| [E, F] of every expert of a layer (computed where the weights are, returned on CPU)."""
+    module, ad = experts_of(lens, layer), lens.adapter
+    with torch.no_grad():
+        return torch.stack([ad.expert_values(module, e)[0].norm(dim=-1) for e in range(n_experts(lens))]).to("cpu")
+
+
 def expert_keys(lens, layer: int, expert: int) -> torch.Tensor:
     """Expert e's FF1 as key vectors [F1, D] (F1 = 2F: its fused gate/up outputs, in the adapter's order),
     detached on CPU: h = x @ keys.T (+ bias)."""

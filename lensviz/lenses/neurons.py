@@ -124,7 +124,7 @@ def _top_expert_sub_updates(trace, k, layers, pos) -> SubUpdates:
     dims, coeffs, scores, experts = [], [], [], []
     for layer in layers:
         chosen, weights, acts = ex.expert_activations(trace, layer)  # [T, s], [T, s], [T, s, F]
-        norms = torch.stack([value_vectors(lens, layer, e).norm(dim=-1) for e in range(ex.n_experts(lens))])
+        norms = ex.value_norms(lens, layer)  # [E, F]
         m = (weights.to(acts.dtype)[..., None] * acts)[pos]  # [P, s, F]
         score = (m.abs() * norms.to(m.dtype)[chosen[pos]]).flatten(1)  # [P, s*F]
         top = score.topk(k, dim=-1)
@@ -296,11 +296,15 @@ def _ff2_matrices(lens, layer: int) -> list:
     return [lens.weight(layer, "mlp_out")]
 
 
-def _all_values(lens, layer: int) -> torch.Tensor:
-    """[G * F, D]: a layer's value vectors, expert-major on MoE (G = number of experts, else 1)."""
-    if lens.adapter.moe:
-        return torch.cat(_ff2_matrices(lens, layer))
-    return value_vectors(lens, layer)
+def _value_groups(lens, layers):
+    """A layer's value vectors [F, D] one group at a time (one per expert on MoE, expert-major), layer-major:
+    the row order of a ValueIndex, without holding every layer's values at once."""
+    for layer in layers:
+        if lens.adapter.moe:
+            for e in range(ex.n_experts(lens)):
+                yield value_vectors(lens, layer, e)
+        else:
+            yield value_vectors(lens, layer)
 
 
 def index_key(lens, k: int, *, fold_norm: bool, bottom: bool, layers) -> str:
@@ -491,13 +495,15 @@ def build_value_index(lens, k: int = 50, *, fold_norm: bool = False, bottom: boo
                                   offsets=st["offsets"], n_experts=st.get("n_experts", 0))
         except Exception:  # unreadable or stale cache file: rebuild it
             pass
-    vectors = torch.cat([_all_values(lens, layer) for layer in layers])  # [N, D]
-    ids, logits = _topk_logits(lens, vectors, k, fold_norm=fold_norm)
-    all_ids, all_logits = [ids], [logits]
-    if bottom:
-        ids_b, logits_b = _topk_logits(lens, vectors, k, fold_norm=fold_norm, bottom=True)
-        all_ids.append(ids_b)
-        all_logits.append(logits_b)
+    signs = (False, True) if bottom else (False,)
+    parts = {b: ([], []) for b in signs}
+    for vectors in _value_groups(lens, layers):  # [F, D] at a time
+        for b in signs:
+            ids, logits = _topk_logits(lens, vectors, k, fold_norm=fold_norm, bottom=b)
+            parts[b][0].append(ids)
+            parts[b][1].append(logits)
+    all_ids = [torch.cat(parts[b][0]) for b in signs]
+    all_logits = [torch.cat(parts[b][1]) for b in signs]
     index = ValueIndex(torch.stack(all_ids).to(torch.int32), torch.stack(all_logits), layers, lens.d_mlp,
                        fold_norm=fold_norm, bottom=bottom, strings=strings, key=key, n_experts=ex.n_experts(lens))
     if use_cache:
