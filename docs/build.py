@@ -297,10 +297,36 @@ def _maths(a) -> list[str]:
     return out
 
 
+def _qk_normed_suite() -> set[str]:
+    """The conformance suite's entries whose model has q/k norms (tests/test_conformance.py QK_NORMED)."""
+    try:
+        return set(importlib.import_module("tests.test_conformance").QK_NORMED)
+    except (ImportError, AttributeError):
+        return set()
+
+
+def _applies(a, suite_names, qk_normed) -> str:
+    """Which lenses and patches apply to a family, and how its maths changes them."""
+    if a.moe:
+        out = ["all; the MLP lenses work per expert with `expert=e` (Backward Lens tables, weight gradients, "
+               "imprint and shift; value vectors, sub-updates w·a·v, top sub-updates, debugger view, value index; "
+               "FFN keys) and `NeuronPatch(expert=e)`; VISIT's MLP nodes, `ShiftEdit` and the Explorer's neuron "
+               "value search need one dense MLP and raise LensvizError"]
+    else:
+        out = ["all"]
+    if set(suite_names) & qk_normed:
+        out.append("weight-only QK lenses fold the q/k norms where the model has them (exact up to each vector's norm "
+                   "scale); "
+                   "`embedding_space.head_attention` raises LensvizError")
+    if a.post_attn_norm or a.post_mlp_norm:
+        out.append("weight-only OV / FFN-value lenses fold the post-norm gains (exact up to the summed output's scale)")
+    return "; ".join(out)
+
+
 def render_architectures() -> str:
     from lensviz.adapters import _BYPASS, _FAMILIES
 
-    docs, knobs = _adapter_docs(), _suite_knobs()
+    docs, knobs, qk_normed = _adapter_docs(), _suite_knobs(), _qk_normed_suite()
     by_type = {mt: a.family for a in _FAMILIES for mt in a.model_types}
     suite_of = {}
     for name in knobs:
@@ -329,8 +355,7 @@ def render_architectures() -> str:
     for a in _FAMILIES:
         par = a.parallel_residual if isinstance(a.parallel_residual, bool) else f"config `{a.parallel_residual}`"
         suite = "; ".join(f"{n} ({knobs[n] or 'defaults'})" for n in suite_of.get(a.family, [])) or "-"
-        applies = ("all; neurons per expert (`lenses.experts`, `NeuronPatch(expert=)`); the dense neuron views, "
-                   "value search and Backward Lens FF matrices raise LensvizError" if a.moe else "all")
+        applies = _applies(a, suite_of.get(a.family, []), qk_normed)
         lines.append(f"| [{a.family}](#{anchor(FAMILY_NOTES.get(a.family, {}).get('title', a.family))}) | "
                      f"{', '.join(a.model_types)} | {a.norm} | {a.rotary} | {par} | {a.qkv_split or 'no'} | "
                      f"{'; '.join(_maths(a)) or '-'} | {suite} | {applies} |")

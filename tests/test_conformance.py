@@ -417,6 +417,7 @@ def test_weight_gradients_equal_autograd(family, runs):  # rows 9, 10, 11 and W_
             if CONFIGS[family].get("moe"):
                 with pytest.raises(lv.LensvizError, match="mixture-of-experts"):
                     bl.weight_gradient(tr, layer, "mlp_out")
+                _check_expert_weight_gradients(tr, layer)
                 continue
             for part in bl.FF_PARTS:  # row 10: the Backward Lens rebuilds every MLP matrix's gradient
                 if getattr(ad, part) is None:
@@ -430,6 +431,30 @@ def test_weight_gradients_equal_autograd(family, runs):  # rows 9, 10, 11 and W_
     finally:
         for p in model.parameters():
             p.grad = None
+
+
+def _check_expert_weight_gradients(tr, layer):
+    """Row 10 per expert: the Backward Lens rebuilds every expert's FF1 (fused gate/up) and FF2 (down)
+    gradient, and its biases, from the expert's own factors; experts no token was routed to get 0."""
+    from lensviz.lenses import experts as ex
+
+    lens, ad = tr.lens, tr.adapter
+    module = ex.experts_of(lens, layer)
+    chosen = tr.router(layer)[0]
+    for e in range(ex.n_experts(lens)):
+        n_routed = int(chosen.eq(e).any(-1).sum())
+        for part, (w_name, b_name) in (("mlp_in", ad.expert_params[:2]), ("mlp_out", ad.expert_params[2:])):
+            wg = bl.weight_gradient(tr, layer, part, expert=e)
+            grad = getattr(module, w_name).grad[e]
+            assert wg.weight.shape == grad.shape and wg.expert == e
+            if n_routed == 0:
+                assert torch.all(wg.weight == 0) and torch.all(grad == 0)
+                continue
+            assert rel(wg.weight, grad) < 1e-10, (part, e)
+            if b_name is not None:
+                assert rel(wg.bias, getattr(module, b_name).grad[e]) < 1e-10, (part, e)
+            assert int(torch.linalg.matrix_rank(wg.weight)) <= n_routed  # row 11: one factor per routed token
+            assert torch.all(wg.vjps[~chosen.eq(e).any(-1)] == 0)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -553,6 +578,8 @@ def _lens_calls(lens, tr):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_lens_works_or_names_what_blocks_it(family, runs):
+    from lensviz.lenses import embedding_space, neurons
+
     lens, tr, _ = runs(family)
     refused = {}
     for name, call in _lens_calls(lens, tr).items():
@@ -565,6 +592,17 @@ def test_every_lens_works_or_names_what_blocks_it(family, runs):
         assert "parallel" in refused.pop("activation_patch")
     if CONFIGS[family].get("moe"):
         assert refused and all("mixture-of-experts" in m for m in refused.values()), refused
+        # what still needs one MLP matrix: the dense calls above that name no expert, VISIT's MLP nodes and
+        # ShiftEdit (both read trace.mlp_activations), and the Explorer's value search (no expert selector)
+        assert set(refused) == {"imprint_tokens", "project_values", "ffn_projections", "visit_graph",
+                                "payload_flow", "payload_value_search", "shift_edit"}, refused
+        e = int(tr.router(0)[0][-1, 0])
+        for name, call in {"imprint_tokens": lambda: bl.imprint_tokens(tr, 0, expert=e),
+                           "project_values": lambda: neurons.project_values(lens, 0, [0, 1], expert=e),
+                           "ffn_projections": lambda: embedding_space.ffn_projections(lens, 0, k=5, expert=e),
+                           "backward_lens": lambda: bl.backward_lens(tr, expert=e),
+                           "shift_tokens": lambda: bl.shift_tokens(tr, 0, expert=e)}.items():
+            call()  # the per-expert forms work
     else:
         assert refused == {}
 
@@ -681,6 +719,174 @@ def test_expert_neuron_patch_equals_zeroed_value_vectors(family, lenses):
         lens.trace(PROMPT, patches=[lv.NeuronPatch(layer, neurons, expert=99)])
 
 
+def _hf_expert_output(module, x, e, w):
+    """w * expert e's output on rows x [n, D], computed by HF's own experts module (every row routed to e
+    alone with router weight w [n])."""
+    idx = torch.full((x.shape[0], 1), e, dtype=torch.long)
+    with torch.no_grad():
+        return module(x, idx, w[:, None].to(x.dtype))
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_expert_sub_updates_sum_to_each_experts_real_output(family, runs):
+    """sum over neurons of sub_updates(expert=e) + w_e b_e = w_e * (expert e's real output), computed by
+    HF's experts module; summed over experts it is the MoE block's output post - mid."""
+    from lensviz.lenses import experts as ex, neurons
+
+    lens, tr, _ = runs(family)
+    for layer in range(lens.n_layers):
+        module = ex.experts_of(lens, layer)
+        x = tr.mlp_input(layer)
+        total = torch.zeros_like(x)
+        for e in range(ex.n_experts(lens)):
+            w = ex.routing_weight(tr, layer, e)
+            subs = neurons.sub_updates(tr, layer, list(range(lens.d_mlp)), expert=e)  # [T, F, D]
+            bias = neurons.value_bias(lens, layer, expert=e)
+            part = subs.sum(1) + (0 if bias is None else w[:, None].to(x.dtype) * bias)
+            assert rel(part, _hf_expert_output(module, x, e, w)) < 1e-12
+            assert torch.all(subs[w == 0] == 0)  # positions not routed to e get nothing from it
+            total += part
+        assert rel(total, tr.resid(layer, "post") - tr.resid(layer, "mid")) < 1e-12
+        assert rel(neurons.mlp_output(tr, layer), total) < 1e-12
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_expert_top_sub_updates_and_value_search(family, runs, tmp_path):
+    from lensviz.lenses import experts as ex, neurons
+
+    lens, tr, _ = runs(family)
+    subs = neurons.top_sub_updates(tr, 6, positions=[-1, 3])
+    for j, layer in enumerate(subs.layers):
+        for p, t in enumerate(subs.positions):
+            brute = []  # every (expert, neuron) of the experts routed at t, scored |w a| ||v||
+            for e in tr.router(layer)[0][t].tolist():
+                m = neurons.sub_updates(tr, layer, list(range(lens.d_mlp)), positions=[t], expert=e)[0]  # [F, D]
+                brute += [(float(m[n].norm()), e, n) for n in range(lens.d_mlp)]
+            brute.sort(reverse=True)
+            got = list(zip(subs.experts[j, p].tolist(), subs.dims[j, p].tolist()))
+            assert got == [(e, n) for _, e, n in brute[:6]]
+            assert torch.allclose(subs.scores[j, p], torch.tensor([b for b, _, _ in brute[:6]], dtype=subs.scores.dtype),
+                                  rtol=1e-10, atol=0)
+    assert subs.labels()[0][0][0] == f"L{subs.layers[0]}E{int(subs.experts[0, 0, 0])}D{int(subs.dims[0, 0, 0])}"
+    view = neurons.debugger_view(tr, k=3)
+    first = view["layers"][1]["sub_updates"][0]
+    proj = neurons.project_values(lens, 1, [first["dim"]], 10, signs=[first["coeff"]], expert=first["expert"])
+    assert [t["id"] for t in first["tokens"]] == proj.ids[0].tolist()
+    # the value index covers every expert: its hits are exactly the brute-force top-k memberships
+    index = neurons.build_value_index(lens, k=8, cache_dir=tmp_path)
+    assert len(index) == lens.n_layers * ex.n_experts(lens) * lens.d_mlp
+    tid = lens.token_id(" Paris")
+    expect = set()
+    for layer in range(lens.n_layers):
+        for e in range(ex.n_experts(lens)):
+            logits = neurons.value_vectors(lens, layer, expert=e) @ lens.unembed_module.weight.detach().T
+            top = logits.topk(8, dim=-1).indices
+            expect |= {(layer, e, n) for n in range(lens.d_mlp) if tid in top[n].tolist()}
+    hits = index.query(tid, limit=None)
+    assert {(h["layer"], h["expert"], h["dim"]) for h in hits} == expect and expect
+    h = hits[0]
+    assert h["label"] == f"L{h['layer']}E{h['expert']}D{h['dim']}"
+    assert index.value_tokens(h["layer"], h["dim"], expert=h["expert"])[h["rank"]]["id"] == tid
+    with pytest.raises(lv.LensvizError, match="expert"):
+        index.value_tokens(h["layer"], h["dim"])
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_expert_backward_lens_tables_and_readouts(family, runs):
+    from lensviz.lenses import embedding_space as es, experts as ex
+
+    lens, tr, _ = runs(family)
+    e = int(tr.router(1)[0][-1, 0])  # routed at the last position of layer 1
+    table = bl.backward_lens(tr, k=3, expert=e)
+    w = torch.stack([ex.routing_weight(tr, layer, e) for layer in range(lens.n_layers)])
+    assert torch.equal(table.routed, w != 0)
+    delta = torch.stack([tr.mlp_output_grad(layer) for layer in range(lens.n_layers)])
+    assert torch.allclose(table.ff2.norm, (w[..., None].to(delta.dtype) * delta).norm(dim=-1).to(table.ff2.norm.dtype))
+    assert torch.all(table.ff1.norm[~table.routed] == 0)
+    # FF1 VJPs: the expert's fused gate/up gradient is x^T dL/dh (checked against autograd above), and
+    # the imprint of a neuron is minus its key's gradient row
+    grads = bl.ff1_output_grads(tr, 1, expert=e)["mlp_in"]
+    imprint = bl.imprint_tokens(tr, 1, expert=e, top=3)
+    wg = bl.weight_gradient(tr, 1, "mlp_in", expert=e)
+    rows = ex.expert_keys(lens, 1, e).shape[0]
+    assert grads.shape == (len(tr), rows)
+    key_grads = wg.weight if lens.adapter.expert_layout == "linear" else wg.weight.T  # [F1, D]
+    assert torch.allclose(imprint.update_norm, key_grads[imprint.neurons].norm(dim=-1), rtol=1e-10)
+    shift = bl.shift_tokens(tr, 1, -1, k=5, expert=e)
+    assert torch.equal(shift.ids, lens.project(-w[1, -1].to(delta.dtype) * delta[1, -1], 5).ids)
+    # FFN keys of the expert: h = x @ keys^T (+ bias) reproduces the expert's FF1 outputs
+    f = ex.expert_factors(tr, 1, e)
+    keys = torch.cat(lens.adapter.split_gate_up(ex.expert_keys(lens, 1, e).T), dim=-1)  # [D, 2F] gate | up
+    gate, up = es.ffn_keys(lens, 1, "mlp_gate", expert=e), es.ffn_keys(lens, 1, "mlp_in", expert=e)
+    assert torch.equal(keys, torch.cat([gate.T, up.T], dim=-1))
+    b = lens.adapter.expert_matrix(ex.experts_of(lens, 1), e, "mlp_in")[1]
+    h = f.x @ ex.expert_keys(lens, 1, e).T + (0 if b is None else b.detach())
+    assert rel(h, f.h) < 1e-12
+    # dense-only calls name the property; dense families refuse expert=
+    for call in (lambda: bl.weight_gradient(tr, 1, "mlp_in"), lambda: es.ffn_keys(lens, 1),
+                 lambda: bl.weight_gradient(tr, 1, "mlp_gate", expert=e)):
+        with pytest.raises(lv.LensvizError, match="mixture-of-experts|expert"):
+            call()
+
+
+def test_dense_families_refuse_expert(runs):
+    from lensviz.lenses import neurons
+
+    lens, tr, _ = runs("llama3")
+    for call in (lambda: bl.weight_gradient(tr, 0, "mlp_out", expert=0),
+                 lambda: neurons.value_vectors(lens, 0, expert=0), lambda: bl.backward_lens(tr, expert=0)):
+        with pytest.raises(lv.LensvizError, match="dense MLP"):
+            call()
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_expert_neuron_patch_equals_a_hand_written_hook(family, lenses):
+    """NeuronPatch(expert=e, mode="scale", positions=P): the reference hook re-runs HF's own experts forward
+    at the positions P with expert e's value vectors of those neurons scaled, and swaps that in."""
+    lens = lenses(family)
+    layer, neurons, value, positions = 1, [1, 4], 2.5, [2, 7, 11]
+    ad = lens.adapter
+    module = ex_module = ad.blocks_of(lens.model)[layer].get_submodule(ad.experts)
+    ids, _ = lens.encode(PROMPT)
+    base = lens.trace(PROMPT, target=TARGET)
+    chosen = base.router(layer)[0]
+    e = next(int(x) for x in chosen[positions].reshape(-1))  # an expert routed at one of the positions
+    down = module.down_proj
+
+    def scaled_values():
+        w = down.detach().clone()
+        if ad.expert_layout == "conv1d":
+            w[e, neurons] *= value
+        else:
+            w[e][:, neurons] *= value
+        return w
+
+    def hook(mod, args, output):
+        x, idx, wts = args[:3]
+        rows = torch.tensor(positions)
+        with torch.no_grad():
+            before = mod.forward(x[rows], idx[rows], wts[rows])
+            saved = down.detach().clone()
+            down.copy_(scaled_values())
+            try:
+                after = mod.forward(x[rows], idx[rows], wts[rows])
+            finally:
+                down.copy_(saved)
+        return output.index_add(0, rows, after - before)
+
+    handle = ex_module.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            expect = lens.model(ids[None], use_cache=False).logits[0]
+    finally:
+        handle.remove()
+    tr = lens.trace(PROMPT, target=TARGET, patches=[lv.NeuronPatch(layer, neurons, value=value, mode="scale",
+                                                                     expert=e, positions=positions)])
+    assert rel(tr.logits, expect) < 1e-5  # HF sdpa / eager vs lensviz's attention
+    assert not torch.allclose(tr.logits, base.logits, atol=1e-9, rtol=0)
+    assert torch.equal(tr.logits[:positions[0]], base.logits[:positions[0]])  # nothing before the first position
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_adapter_paths_and_sizes_match_the_module_tree(family, lenses):
     from tests.test_adapters import BLOCK_PARTS
@@ -703,3 +909,102 @@ def test_adapter_paths_and_sizes_match_the_module_tree(family, lenses):
         ff1 = ad.as_in_out(lens.weight(0, "mlp_in")).shape
         assert ff1 == (dims.d_model, (2 if ad.gate_up else 1) * dims.d_mlp)
     assert model.get_submodule(ad.unembed).weight.shape[0] == dims.vocab_size
+
+
+QK_NORMED = [f for f in FAMILIES if any(k in f for k in ("qwen3", "olmo2", "gemma3", "cohere", "stablelm"))
+             or f == "phi"]
+POST_NORMED = [f for f in FAMILIES if CONFIGS[f].get("post_norm")]
+
+
+def _cos(a, b):
+    return torch.nn.functional.cosine_similarity(a, b, dim=-1)
+
+
+@pytest.mark.parametrize("family", QK_NORMED)
+def test_weight_lenses_fold_the_qk_norms(family, runs):
+    """circuit_weights' W_Q M_h (W_K M_g) is the q (k) norm's output direction: the norm module's real
+    output minus its bias is a positive multiple of x W_Q M + b_Q M (captured from the model's run)."""
+    from lensviz.lenses import embedding_space as es
+
+    lens, tr, _ = runs(family)
+    layer, t, dims = 1, len(tr), lens.dims
+    attn = lens.adapter.blocks_of(lens.model)[layer].get_submodule(lens.adapter.attn)
+    seen = {}
+    handles = []
+    for side in "qk":
+        norm = next(getattr(attn, n) for n in (f"{side}_norm", f"{side}_layernorm") if getattr(attn, n, None) is not None)
+        def keep(mod, args, out, side=side):
+            seen.setdefault(side, (args[0].detach(), out.detach(), mod))
+
+        handles.append(norm.register_forward_hook(keep))
+    try:
+        with torch.no_grad():
+            lens.model(tr.input_ids[None], use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    raw, folded = lens.attention_weights(layer), es.circuit_weights(lens, layer)
+    maps = lens.adapter.qk_norm_maps(lens.model, layer, dims)
+    x = tr.attn_input(layer)
+    for side, n in (("q", dims.n_heads), ("k", dims.n_kv_heads)):
+        inp, out, norm = seen[side]
+        as_thd = (lambda z: z[0].transpose(0, 1)) if inp.dim() == 4 and inp.shape[1] == n else \
+            (lambda z: z[0].reshape(t, n, dims.d_head))
+        b = raw["b" + side]
+        pre = torch.einsum("tD,hDd->thd", x, raw[side]) + (0 if b is None else b)
+        assert rel(as_thd(inp), pre) < 1e-12  # the norm's input is the raw projection
+        lin = torch.einsum("tD,hDd->thd", x, folded[side]) + (0 if b is None else torch.einsum("hd,hde->he", b, maps[side]))
+        bias = getattr(norm, "bias", None)
+        target = as_thd(out) - (0 if bias is None else bias.detach())
+        assert float((_cos(target, lin) - 1).abs().max()) < 1e-6  # same direction, positive factor
+        ratio = target.norm(dim=-1) / lin.norm(dim=-1)
+        assert torch.all(ratio > 0)
+    with pytest.raises(lv.LensvizError, match="q/k"):
+        es.head_attention(tr, layer)
+
+
+@pytest.mark.parametrize("family", POST_NORMED)
+def test_weight_lenses_fold_the_post_norms(family, runs):
+    """circuit_weights' W_O g: head h's write to the residual (frozen-scale decomposition) is
+    c_t O_h W_O g with c_t = 1 / rms of the summed attention output, the same positive factor for every
+    head at t; FFN value projections carry the post-MLP gain; an OV component edit acts on the folded W_O."""
+    from lensviz.lenses import composition, embedding_space as es
+
+    lens, tr, _ = runs(family)
+    layer = 1
+    folded = es.circuit_weights(lens, layer)
+    o = tr.head_values(layer)  # [H, T, d]
+    pred = torch.matmul(o, folded["o"].to(o.dtype))  # [H, T, D]
+    y = tr.recording.at("attn_y", layer)
+    norm = lens.adapter.blocks_of(lens.model)[layer].get_submodule(lens.adapter.post_attn_norm)
+    eps = getattr(norm, "eps", None) or getattr(norm, "variance_epsilon")
+    c = torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)  # [T, 1]
+    assert rel(tr.head_outputs(layer), c * pred) < T32
+    gain = lens.adapter.post_norm_gain(lens.model, layer, "mlp")
+    values = lens.adapter.as_in_out(lens.weight(layer, "mlp_out"))[:3] * gain
+    got = es.ffn_projections(lens, layer, "value", [0, 1, 2], k=5)
+    assert torch.equal(got.ids, es.project_write(lens, values, 5).ids)
+    before = composition.head_weights(lens, layer)
+    svd = composition.factored_svd(before["v"][0].double(), before["o"][0].double())
+    with composition.edited_component(lens, layer, 0, 0, alpha=0.0):
+        after = composition.head_weights(lens, layer)
+    expect = svd.matrix() - svd.S[0] * svd.U[:, :1] @ svd.V[:, :1].T
+    assert rel(after["v"][0].double() @ after["o"][0].double(), expect) < 1e-10
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_expert_neuron_patch_on_mode(family, lenses):
+    """mode "on" with expert=e sets a_{e,i} to the layer's largest sub-update score at the last position
+    (over the experts routed there, brute force) + 0.01."""
+    from lensviz.lenses import neurons
+
+    lens = lenses(family)
+    layer, cells = 1, [0, 2]
+    base = lens.trace(PROMPT, target=TARGET)
+    e = int(base.router(layer)[0][-1, 0])
+    best = max(float(neurons.sub_updates(base, layer, list(range(lens.d_mlp)), positions=[-1], expert=x)[0]
+                     .norm(dim=-1).max()) for x in base.router(layer)[0][-1].tolist())
+    on = lens.trace(PROMPT, target=TARGET, patches=[lv.NeuronPatch(layer, cells, mode="on", expert=e)], base=base)
+    st = lens.trace(PROMPT, target=TARGET, patches=[lv.NeuronPatch(layer, cells, value=best + 0.01, expert=e)])
+    assert torch.allclose(on.logits, st.logits, atol=1e-12, rtol=0)
+    assert not torch.allclose(on.logits, base.logits, atol=1e-9, rtol=0)

@@ -95,8 +95,12 @@ class Adapter:
     moe: bool = False  # mixture-of-experts MLP: `mlp` holds a router and experts (no single mlp_out matrix)
     router: str | None = None  # block-level router module (MoE): returns (logits, top-k weights, top-k experts)
     experts: str | None = None  # block-level experts module (MoE), called as experts(x [n, D], experts, weights)
-    expert_activation: Callable | None = None  # (experts module, e, x [n, D]) -> a [n, F] of expert e
-    expert_values: Callable | None = None  # (experts module, e) -> (values [F, D], bias [D] or None)
+    # expert e's matrices: parameters [E, ...] of the experts module named (FF1 weight, FF1 bias or None,
+    # FF2 weight, FF2 bias or None); expert_layout is the layout of one slice param[e] ("linear" [out, in])
+    expert_params: tuple | None = None
+    expert_layout: Layout = "linear"
+    expert_act: Callable | None = None  # (experts module, h [n, F1]) -> a [n, F]: FF1 outputs -> activations
+    expert_gate_up: str = "chunk"  # where an expert's FF1 outputs keep gate and up: "chunk" [gate | up], "interleave"
     # vocabulary head: logits = transform(unembed(final_norm(h)))
     logit_softcap: str | None = None  # config attribute c: logits = c * tanh(logits / c) (Gemma 2/3)
     logit_scale: str | None = None  # config attribute: logits *= it (Cohere)
@@ -192,16 +196,92 @@ class Adapter:
         attn = self.blocks_of(model)[0].get_submodule(self.attn)
         return any(getattr(attn, name, None) is not None for name in QK_NORM_NAMES)
 
+    def post_norm_gain(self, model, layer: int, sublayer: str) -> torch.Tensor | None:
+        """The gain g [D] (Gemma: 1 + w) of block `layer`'s post-attention (sublayer "attn") or post-MLP
+        ("mlp") norm, detached on CPU; None where the family has none."""
+        path = self.post_attn_norm if sublayer == "attn" else self.post_mlp_norm
+        if path is None:
+            return None
+        w = getattr(self.blocks_of(model)[layer].get_submodule(path), "weight", None)
+        return None if w is None else w.detach().to("cpu") + self.norm_gain_offset
+
+    def qk_norm_maps(self, model, layer: int, dims: Dims) -> dict:
+        """The q/k norms of block `layer` as linear maps, for weight-only lenses: {"q": M [H, d, d] or None,
+        "k": M [H_kv, d, d] or None} (None: no norm on that side). A q/k norm turns head h's projection
+        q into g_h * P q / s(q) + b_h, with P = I - 11^T / d the centring of LayerNorm-type norms (Phi,
+        StableLM, Cohere; P = I for RMSNorm: Qwen 3, OLMo 2, Gemma 3), g_h its gain (Gemma's 1 + w; per
+        head in StableLM / Cohere, per channel over all heads in OLMo 2) and s(q) > 0 its scale. So
+        W_Q @ M_h with M_h = P diag(g_h) is the normed query map up to the positive factor 1 / s(q) and the
+        norm's bias (dropped, like every bias in the weight-only lenses); q/k norms come before RoPE."""
+        attn = self.blocks_of(model)[layer].get_submodule(self.attn)
+        out = {}
+        for side, n in (("q", dims.n_heads), ("k", dims.n_kv_heads)):
+            norm = next((getattr(attn, name) for name in (f"{side}_norm", f"{side}_layernorm")
+                         if getattr(attn, name, None) is not None), None)
+            if norm is None:
+                out[side] = None
+                continue
+            d = dims.d_head
+            per_head = getattr(norm, "norms", None)  # StableLM: one LayerNorm per head
+            if per_head is not None:
+                gains = torch.stack([m.weight.detach() for m in per_head]).to("cpu")
+            else:
+                w = getattr(norm, "weight", None)
+                w = torch.ones(d, dtype=torch.float64) if w is None else w.detach().to("cpu")
+                gains = w.reshape(-1, d).expand(n, d) if w.numel() in (d, n * d) else None
+                if gains is None:
+                    raise LensvizError(f"{self.family}: a {side} norm weight of shape {tuple(w.shape)} does not fit "
+                                       f"{n} heads of {d}")
+                gains = gains + (self.norm_gain_offset if "rms" in type(norm).__name__.lower() else 0.0)
+            m = torch.diag_embed(gains)
+            if "rms" not in type(norm).__name__.lower():  # LayerNorm-type: centre over the head's d entries
+                centre = torch.eye(d, dtype=m.dtype) - 1.0 / d
+                m = centre @ m
+            out[side] = m
+        return out
+
     def n_experts(self, config) -> int:
         """The number of experts of a MoE family (0 for dense MLPs)."""
         config = text_config(config)
         return int(getattr(config, "num_local_experts", None) or getattr(config, "num_experts", 0) or 0) if self.moe else 0
 
+    # mixture-of-experts maths (expert e of a block's experts module) -----------------------------------
+    def expert_matrix(self, experts, e: int, part: str):
+        """(weight, bias or None) of expert e's FF1 ("mlp_in", its fused [gate | up] matrix) or FF2
+        ("mlp_out") in the `expert_layout` of one slice, as views of the experts module's parameters."""
+        if part not in ("mlp_in", "mlp_out"):
+            raise LensvizError(f"an expert's matrices are 'mlp_in' (its fused gate/up) and 'mlp_out', got {part!r}")
+        w_name, b_name = self.expert_params[:2] if part == "mlp_in" else self.expert_params[2:]
+        bias = None if b_name is None else getattr(experts, b_name)[e]
+        return getattr(experts, w_name)[e], bias
+
+    def expert_ff1(self, experts, e: int, x: torch.Tensor) -> torch.Tensor:
+        """h = FF1_e(x): expert e's fused gate/up outputs [n, F1] of inputs x [n, D]."""
+        w, b = self.expert_matrix(experts, e, "mlp_in")
+        h = x @ self.as_in_out(w, self.expert_layout).to(x.dtype)
+        return h if b is None else h + b.to(x.dtype)
+
+    def split_gate_up(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate, up) parts [..., F] of an expert's fused FF1 features h [..., 2F] (last axis)."""
+        if self.expert_gate_up == "interleave":
+            return h[..., ::2], h[..., 1::2]
+        return h.chunk(2, dim=-1)
+
+    def expert_activation(self, experts, e: int, x: torch.Tensor) -> torch.Tensor:
+        """a_e(x) [n, F]: expert e's neuron activations (the input of its FF2) for inputs x [n, D]."""
+        return self.expert_act(experts, self.expert_ff1(experts, e, x))
+
+    def expert_values(self, experts, e: int):
+        """(values [F, D], bias [D] or None): expert e's value vectors (FF2 in [in, out] orientation) and
+        FF2 bias, so that the expert's output is a_e @ values + bias."""
+        w, b = self.expert_matrix(experts, e, "mlp_out")
+        return self.as_in_out(w, self.expert_layout), b
+
     def require_dense_mlp(self, what: str) -> None:
         """LensvizError for `what` (a lens or patch needing single MLP matrices) on MoE families."""
         if self.moe:
             raise LensvizError(f"{what} is not available on {self.family}: it has a mixture-of-experts MLP, whose "
-                               "neurons live in per-expert matrices (not addressable yet; see Trace.router)")
+                               "neurons live in per-expert matrices (the lenses taking expert=e address them; see Trace.router)")
 
     def is_parallel(self, config) -> bool:
         if isinstance(self.parallel_residual, str):
@@ -220,9 +300,10 @@ class Adapter:
         return self.blocks_of(model)[layer].get_submodule(path)
 
     # weight layouts -------------------------------------------------------------------------------
-    def as_in_out(self, weight: torch.Tensor) -> torch.Tensor:
-        """A projection weight as [in, out] whatever the module layout (a view, no copy)."""
-        return weight if self.weight_layout == "conv1d" else weight.T
+    def as_in_out(self, weight: torch.Tensor, layout: Layout | None = None) -> torch.Tensor:
+        """A projection weight as [in, out] whatever the module layout (a view, no copy); `layout`
+        defaults to the family's weight_layout (experts: pass expert_layout)."""
+        return weight if (layout or self.weight_layout) == "conv1d" else weight.T
 
     def qkv_by_head(self, param, dims: Dims) -> dict:
         """Per-head q/k/v projections in [in, out] orientation: W_q [H, D, d], W_k and W_v [H_kv, D, d],

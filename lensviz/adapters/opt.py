@@ -2,10 +2,19 @@
 own `fc1` -> activation -> `fc2` (no MLP module), which HF runs on tokens flattened to [T, D], and a
 query pre-scaled by head_dim^-1/2 (the attention is called with scaling 1, so RA is dL/d of the scores
 themselves; `Lens.attention_weights` folds the factor into W_Q).
-OPT-350m is refused with UnsupportedModelError: its blocks are post-LayerNorm (`do_layer_norm_before=False`),
-renormalising the residual inside every block so that head and neuron writes do not add up to it, and
-its embeddings are projected (`word_embed_proj_dim` 512 -> 1024 -> 512), so W_U does not read the
-residual stream."""
+
+OPT-350m-style configs are refused with UnsupportedModelError. Two properties block them:
+- post-LayerNorm blocks (`do_layer_norm_before=False`): each block computes m = LN_1(r + attn(r)) and
+  r' = LN_2(m + mlp(m)), so the norm acts on the residual itself, not on a sublayer's output. A sound
+  decomposition exists (with the LayerNorm scale frozen at this run, LN(r + y) = g/s (P r) + g/s (P y) + b
+  with P the centring, so the residual, every head and every neuron map through the same affine part),
+  but it needs capture sites lensviz does not have today: "mid" would be the MLP's input LN_1(...)
+  (the recorded pre-hook of `final_layer_norm` there sees m + mlp(m) instead) and `Trace.write_scale`
+  would have to carry the residual term, so the recorded "mid" and head/neuron writes would be wrong;
+- projected embeddings (`word_embed_proj_dim` != `hidden_size`): project_in / project_out sit between
+  the residual stream and the (un)embedding and there is no final norm, so W_U reads project_out(h)
+  and every embedding-space lens would need E = W_U project_out.
+Pre-LayerNorm OPT (opt-125m, opt-1.3b and larger) is supported."""
 from ..errors import UnsupportedModelError
 from .base import Adapter
 

@@ -15,6 +15,7 @@ import torch
 
 from ..errors import LensvizError
 from ..checks import check_index, check_index_list
+from .embedding_space import circuit_weights
 
 MODES = ("q", "k", "v")
 RECEIVERS = ("full", "read")
@@ -89,9 +90,11 @@ def head_weights(lens, layer: int, *, fold_norm: bool = False, center: bool = Fa
     offset and is dropped, as are the q/k/v/o biases. center=True (LayerNorm models only; RMSNorm does
     not subtract the mean, so it is ignored there) mean-centres the writing matrix o over D, so writes
     along the all-ones direction, which every LayerNorm removes, do not count (TransformerLens'
-    fold_ln + center_writing_weights are fold_norm=True, center=True)."""
+    fold_ln + center_writing_weights are fold_norm=True, center=True). q/k norms (Qwen 3, OLMo 2, Gemma 3,
+    Phi, StableLM, Cohere) and post-attention norms (Gemma 2/3, OLMo 2) sit inside the circuit and are
+    always folded, exact up to positive per-vector scales (see `embedding_space.circuit_weights`)."""
     layer = check_index(layer, lens.n_layers, "layer")
-    w = lens.attention_weights(layer)
+    w = circuit_weights(lens, layer)
     rep = lens.n_heads // lens.n_kv_heads
     q, o = w["q"], w["o"]
     k, v = w["k"].repeat_interleave(rep, 0), w["v"].repeat_interleave(rep, 0)
@@ -424,14 +427,22 @@ def component_weight_edit(lens, layer: int, head: int, component: int, alpha: fl
 
     Returned in the o_proj module's own layout and dtype: the slice weight[:, h*d:(h+1)*d] ([D, d]) for
     nn.Linear, weight[h*d:(h+1)*d, :] ([d, D]) for Conv1D. The o_proj bias is untouched. With
-    center=True the component is one of the centred W_OV (and the identity holds for the centred one)."""
+    center=True the component is one of the centred W_OV (and the identity holds for the centred one).
+    Post-attention norms (Gemma 2/3, OLMo 2): the component is one of the folded circuit W_O diag(g)
+    (`head_weights`), so the edit is W_O <- W_O diag(g) (I - (1 - alpha) v_i v_i^T) diag(g)^-1."""
     layer = check_index(layer, lens.n_layers, "layer")
     head = check_index(head, lens.n_heads, "head")
     alpha = _check_alpha(alpha)
     v = component_direction(lens, layer, head, component, fold_norm=fold_norm, center=center).double()
     w_o = lens.attention_weights(layer)["o"][head]  # [d, D]
     w64 = w_o.double()
-    new = w64 - (1 - alpha) * (w64 @ v)[:, None] * v[None, :]
+    gain = lens.adapter.post_norm_gain(lens.model, layer, "attn")
+    if gain is not None and bool((gain == 0).any()):
+        raise LensvizError(f"layer {layer}'s post-attention norm has zero gains: an edit of its folded W_O cannot "
+                           "be mapped back to o_proj")
+    g = torch.ones(w64.shape[-1], dtype=torch.float64) if gain is None else gain.double()
+    folded = w64 * g
+    new = (folded - (1 - alpha) * (folded @ v)[:, None] * v[None, :]) / g
     return lens.adapter.as_in_out(new.to(w_o.dtype)).contiguous()  # [in, out] -> module layout (an involution)
 
 

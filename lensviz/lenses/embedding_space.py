@@ -12,6 +12,7 @@ import torch
 from .. import vocab
 from ..checks import check_dims, check_index, check_int
 from ..errors import LensvizError
+from .experts import expert_keys
 from .neurons import ValueTokens, value_vectors
 
 INVERSES = ("transpose", "pinv")
@@ -94,13 +95,39 @@ def _check_head(lens, head) -> int:
     return check_index(head, lens.n_heads, "head")
 
 
+def circuit_weights(lens, layer: int) -> dict:
+    """`Lens.attention_weights` of a layer with the norms *inside* the head circuit folded in, so that the
+    weight-only lenses (here and lensviz.lenses.composition) describe what reaches the scores and the
+    residual stream:
+
+    - q/k norms (Qwen 3, OLMo 2, Gemma 3, Phi / StableLM `qk_layernorm`, Cohere `use_qk_norm`): q[h] @ M_h
+      and k[g] @ M_g with M = P diag(g) (`Adapter.qk_norm_maps`): the normed query / key up to its
+      positive per-vector scale 1 / s(q) and the norm's bias; scores are then exact up to the positive
+      factor 1 / (s(q) s(k)) per query-key pair, so signs hold and rankings are approximate;
+    - post-attention norms (Gemma 2/3, OLMo 2): o[h] * g_post, what head h adds to the residual up to the
+      positive factor 1 / rms(y) of the summed attention output y at that position (shared by every
+      head there: the frozen-scale decomposition of `Trace.write_scale`).
+    Families without these norms get `attention_weights` unchanged."""
+    layer = _layer(lens, layer)
+    w = dict(lens.attention_weights(layer))
+    maps = lens.adapter.qk_norm_maps(lens.model, layer, lens.dims)
+    for side in "qk":
+        if maps[side] is not None:
+            w[side] = w[side] @ maps[side].to(w[side].dtype)
+    gain = lens.adapter.post_norm_gain(lens.model, layer, "attn")
+    if gain is not None:
+        w["o"] = w["o"] * gain.to(w["o"].dtype)
+    return w
+
+
 def head_weights(lens, layer: int, head: int, *, fold_norm: bool = False) -> dict:
     """One query head's circuit in [in, out] orientation: q, k, v [D, d] (k, v of kv head
     g = head // (H / H_kv), HF repeat_kv semantics), o [d, D], biases bq, bk, bv [d] and bo [D] (or None),
     and "kv_head" g. fold_norm multiplies the read matrices q, k, v by the attention-input norm gain
-    row-wise (diag(gamma_in) W); LayerNorm centring and its bias are not folded."""
+    row-wise (diag(gamma_in) W); LayerNorm centring and its bias are not folded. q/k norms and the
+    post-attention norm are always folded (see `circuit_weights`)."""
     layer, head = _layer(lens, layer), _check_head(lens, head)
-    w = lens.attention_weights(layer)
+    w = circuit_weights(lens, layer)
     g = head // (lens.n_heads // lens.n_kv_heads)
     out = {"q": w["q"][head], "k": w["k"][g], "v": w["v"][g], "o": w["o"][head], "kv_head": g, "bo": w["bo"]}
     for key, idx in (("bq", head), ("bk", g), ("bv", g)):
@@ -155,9 +182,14 @@ def rope_relative(lens, delta: int) -> torch.Tensor:
 def head_attention(trace, layer: int) -> torch.Tensor:
     """Attention probabilities [H, T, T] rebuilt from the extracted per-head weights alone: for query i
     and key j, s_ij = (x_i W_Q^h + b_Q) R_rel(i - j) (x_j W_K^g(h) + b_K)^T * scaling, x = attn_input,
-    softmax over j <= i (plain causal mask)."""
+    softmax over j <= i (plain causal mask).
+    Families with q/k norms are refused (LensvizError): their scores divide by each query's and key's
+    own norm scale, which the weights alone do not give (`circuit_weights` folds only the linear part)."""
     lens = trace.lens
     layer = _layer(lens, layer)
+    if lens.adapter.qk_normed(lens.model):
+        raise LensvizError(f"head_attention cannot rebuild {lens.arch}'s attention from weights alone: it has q/k "
+                           "norms, which rescale every query and key by its own norm (use trace.attention)")
     x = trace.attn_input(layer)
     t = len(trace)
     rel = torch.stack([rope_relative(lens, delta) for delta in range(t)]).to(x.dtype)  # [T, d, d]
@@ -360,15 +392,21 @@ def head_top_pairs(lens, layer: int, head: int, kind: str = "ov", k: int = 50, *
 
 
 # single vectors: FFN keys / values, head columns / rows --------------------------------------------------
-def ffn_keys(lens, layer: int, part: str = "mlp_in", *, fold_norm: bool = False) -> torch.Tensor:
+def ffn_keys(lens, layer: int, part: str = "mlp_in", *, fold_norm: bool = False,
+             expert: int | None = None) -> torch.Tensor:
     """FFN keys k_i [F, D]: the columns of FF1 in [in, out] orientation (GPT-2 `c_fc.weight[:, i]`,
     Llama `up_proj.weight[i]`); part="mlp_gate" gives the SwiGLU gate keys. fold_norm multiplies by the
-    MLP-input norm gain (diag(gamma) k_i)."""
+    MLP-input norm gain (diag(gamma) k_i). expert (MoE): expert e's up (gate) keys, from its fused
+    gate/up matrix."""
     layer = _layer(lens, layer)
-    lens.adapter.require_dense_mlp("ffn_keys")
     if part not in ("mlp_in", "mlp_gate"):
         raise LensvizError(f"part must be 'mlp_in' or 'mlp_gate', got {part!r}")
-    if lens.adapter.gate_up:  # one fused [gate | up] matrix (Phi-3): gate rows first
+    if expert is not None:
+        gate, keys = lens.adapter.split_gate_up(expert_keys(lens, layer, expert).T)  # [D, F] each
+        keys = (gate if part == "mlp_gate" else keys).T
+    elif lens.adapter.moe:
+        lens.adapter.require_dense_mlp("ffn_keys without expert=")
+    elif lens.adapter.gate_up:  # one fused [gate | up] matrix (Phi-3): gate rows first
         gate, keys = lens.adapter.as_in_out(lens.weight(layer, "mlp_in")).T.chunk(2, dim=0)
         keys = gate if part == "mlp_gate" else keys
     elif getattr(lens.adapter, part) is None:
@@ -405,15 +443,21 @@ def project_write(lens, vectors: torch.Tensor, k: int = 10, *, space=None, botto
 
 
 def ffn_projections(lens, layer: int, part: str = "key", dims=None, k: int = 30, *, space=None,
-                    fold_norm: bool = False, bottom: bool = False) -> ValueTokens:
+                    fold_norm: bool = False, bottom: bool = False, expert: int | None = None) -> ValueTokens:
     """Projected FFN vectors of `layer`: part "key" (FF1, read side), "gate" (SwiGLU gate, read side) or
-    "value" (FF2 rows, write side); dims [n] (default all F). -> ValueTokens [n, k]."""
+    "value" (FF2 rows, write side; times the post-MLP norm gain where the family has one, so up to the
+    positive factor 1 / rms of the summed MLP output it is the neuron's write); dims [n] (default all F);
+    expert (MoE): expert e's. -> ValueTokens [n, k]."""
     if part not in ("key", "gate", "value"):
         raise LensvizError(f"part must be 'key', 'gate' or 'value', got {part!r}")
     dims = torch.arange(lens.d_mlp) if dims is None else check_dims(dims, lens.d_mlp)
-    if part == "value":
-        return project_write(lens, value_vectors(lens, layer)[dims], k, space=space, bottom=bottom)
-    vec = ffn_keys(lens, layer, "mlp_in" if part == "key" else "mlp_gate", fold_norm=fold_norm)[dims]
+    if part == "value":  # post-MLP norms (Gemma 2/3, OLMo 2): values times its gain, as in circuit_weights
+        values = value_vectors(lens, layer, expert)[dims]
+        gain = lens.adapter.post_norm_gain(lens.model, _layer(lens, layer), "mlp")
+        values = values if gain is None else values * gain.to(values.dtype)
+        return project_write(lens, values, k, space=space, bottom=bottom)
+    vec = ffn_keys(lens, layer, "mlp_in" if part == "key" else "mlp_gate", fold_norm=fold_norm,
+                   expert=expert)[dims]
     return project_read(lens, vec, k, space=space, bottom=bottom)
 
 

@@ -1,7 +1,13 @@
-"""Per-expert neurons of mixture-of-experts MLPs (Mixtral, Qwen3-MoE, gpt-oss): each token's k routed
-experts, their neuron activations a_{e,n}, and the sub-updates w_e * a_{e,n} * value_{e,n} (router
-weight x activation x value vector), which with the experts' biases sum to the MLP output.
-Activations are recomputed from `Trace.mlp_input` with the adapter's expert maths, not stored."""
+"""Per-expert neurons of mixture-of-experts MLPs (Mixtral, Qwen3-MoE, gpt-oss).
+
+At layer l a token t is routed to k experts e with router weights w_{t,e} (recorded: `Trace.router`).
+Expert e computes h = FF1_e(x_t) (its fused gate/up matrix), a_e = act(h) (its neurons) and
+y_e = a_e W_down,e + b_e; the MLP output is sum_e w_{t,e} y_e. So a neuron's sub-update is
+w_{t,e} * a_{e,n} * value_{e,n} (router weight x activation x value vector), and for the Backward Lens
+expert e's FF2 sees the VJP w_{t,e} * delta_t (delta = dL/d MLP output) and FF1 that VJP pulled back
+through the expert's activation; tokens not routed to e contribute nothing to e's gradients.
+Activations are recomputed from `Trace.mlp_input` with the adapter's expert maths, not stored.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,18 +19,114 @@ from ..errors import LensvizError
 from ..hf import module_device
 
 
-def _experts(trace, layer: int):
-    ad = trace.adapter
+def require_moe(lens) -> None:
+    ad = lens.adapter
     if not ad.moe:
-        raise LensvizError(f"{ad.family} has a dense MLP: use lensviz.lenses.neurons (there are no experts)")
-    return ad.blocks_of(trace.lens.model)[layer].get_submodule(ad.experts)
+        raise LensvizError(f"{ad.family} has a dense MLP: there are no experts (leave expert=None)")
+
+
+def n_experts(lens) -> int:
+    return lens.adapter.n_experts(lens.model.config)
+
+
+def check_expert(lens, expert) -> int:
+    """expert as a plain index into the layer's experts (LensvizError on dense families or out of range)."""
+    require_moe(lens)
+    if isinstance(expert, bool) or not isinstance(expert, int):
+        raise LensvizError(f"expert must be an int expert index, got {expert!r}")
+    return check_index(expert, n_experts(lens), "expert")
+
+
+def experts_of(lens, layer: int):
+    """The experts module of block `layer` (MoE families)."""
+    require_moe(lens)
+    layer = check_index(layer, lens.n_layers, "layer")
+    return lens.adapter.blocks_of(lens.model)[layer].get_submodule(lens.adapter.experts)
+
+
+def value_vectors(lens, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(values [F, D], bias [D] or None) of one expert, detached on CPU."""
+    e = check_expert(lens, expert)
+    values, bias = lens.adapter.expert_values(experts_of(lens, layer), e)
+    return values.detach().to("cpu"), None if bias is None else bias.detach().to("cpu")
+
+
+def value_norms(lens, layer: int) -> torch.Tensor:
+    """||value_{e,n}|| [E, F] of every expert of a layer (computed where the weights are, returned on CPU)."""
+    module, ad = experts_of(lens, layer), lens.adapter
+    with torch.no_grad():
+        return torch.stack([ad.expert_values(module, e)[0].norm(dim=-1) for e in range(n_experts(lens))]).to("cpu")
+
+
+def expert_keys(lens, layer: int, expert: int) -> torch.Tensor:
+    """Expert e's FF1 as key vectors [F1, D] (F1 = 2F: its fused gate/up outputs, in the adapter's order),
+    detached on CPU: h = x @ keys.T (+ bias)."""
+    e = check_expert(lens, expert)
+    ad = lens.adapter
+    w, _ = ad.expert_matrix(experts_of(lens, layer), e, "mlp_in")
+    return ad.as_in_out(w, ad.expert_layout).T.detach().to("cpu")
+
+
+def routing_weight(trace, layer: int, expert: int) -> torch.Tensor:
+    """w [T]: the router weight of `expert` at every position (0 where the token was not routed to it)."""
+    e = check_expert(trace.lens, expert)
+    chosen, weights = trace.router(layer)
+    return torch.where(chosen == e, weights, torch.zeros_like(weights)).sum(-1)
+
+
+@dataclass(eq=False)
+class ExpertFactors:
+    """One expert of one layer over the positions routed to it (rows [n] long, ascending).
+
+    x [n, D]: its input (mlp_input); h [n, F1]: FF1 outputs; a [n, F]: neuron activations; weight [n]:
+    router weights. With gradients: delta_ff2 [n, D] = weight * dL/d(MLP output) (the VJP at the expert's
+    FF2 output) and delta_ff1 [n, F1] = dL/dh (delta_ff2 pulled back through FF2 and the activation)."""
+
+    layer: int
+    expert: int
+    rows: torch.Tensor
+    x: torch.Tensor
+    h: torch.Tensor
+    a: torch.Tensor
+    weight: torch.Tensor
+    delta_ff2: torch.Tensor | None = None
+    delta_ff1: torch.Tensor | None = None
+
+
+def expert_factors(trace, layer: int, expert: int, *, grads: bool = False) -> ExpertFactors:
+    """The forward (and with grads=True backward) factors of one expert at the positions routed to it."""
+    layer = check_index(layer, trace.n_layers, "layer")
+    lens, ad = trace.lens, trace.adapter
+    e = check_expert(lens, expert)
+    module = experts_of(lens, layer)
+    w_all = routing_weight(trace, layer, e)
+    rows = torch.nonzero(trace.router(layer)[0].eq(e).any(-1)).reshape(-1)
+    device = module_device(module)
+    x = trace.mlp_input(layer)[rows].to(device)
+    weight = w_all[rows].to(device, x.dtype)
+    with torch.no_grad():
+        h = ad.expert_ff1(module, e, x)
+        a = ad.expert_act(module, h)
+    out = ExpertFactors(layer, e, rows, x.to("cpu"), h.to("cpu"), a.to("cpu"), weight.to("cpu"))
+    if not grads:
+        return out
+    if not trace.has_backward:
+        raise LensvizError("the Backward Lens needs gradients: this trace was run with backward=False")
+    delta = trace.mlp_output_grad(layer)[rows].to(device, x.dtype) * weight[:, None]  # [n, D]
+    values, _ = ad.expert_values(module, e)
+    with torch.no_grad():
+        d_a = delta @ values.detach().T.to(x.dtype)  # dL/da [n, F]
+        _, vjp = torch.func.vjp(lambda hh: ad.expert_act(module, hh), h)
+        d_h = vjp(d_a)[0]
+    out.delta_ff2, out.delta_ff1 = delta.to("cpu"), d_h.to("cpu")
+    return out
 
 
 def expert_activations(trace, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(experts [T, k] long, weights [T, k], activations [T, k, F]): for every token the k experts the
     router chose, their router weights, and each chosen expert's neuron activations a_e(x_t)."""
     layer = check_index(layer, trace.n_layers, "layer")
-    module = _experts(trace, layer)
+    module = experts_of(trace.lens, layer)
     chosen, weights = trace.router(layer)
     x = trace.mlp_input(layer)
     device = module_device(module)
@@ -61,13 +163,23 @@ def expert_parts(trace, layer: int, position: int = -1) -> ExpertParts:
     """Decompose the MoE MLP output of `layer` at `position` into its experts' neurons (see `ExpertParts`)."""
     layer = check_index(layer, trace.n_layers, "layer")
     t = check_index(position, len(trace), "position")
-    module = _experts(trace, layer)
     chosen, weights, acts = expert_activations(trace, layer)
     experts, w, a = chosen[t], weights[t].to(acts.dtype), acts[t]
-    with torch.no_grad():
-        pairs = [trace.adapter.expert_values(module, int(e)) for e in experts]
-    values = torch.stack([v.detach().to("cpu", a.dtype) for v, _ in pairs])  # [k, F, D]
-    bias = None if pairs[0][1] is None else torch.stack([b.detach().to("cpu", a.dtype) for _, b in pairs])
+    pairs = [value_vectors(trace.lens, layer, int(e)) for e in experts]
+    values = torch.stack([v.to(a.dtype) for v, _ in pairs])  # [k, F, D]
+    bias = None if pairs[0][1] is None else torch.stack([b.to(a.dtype) for _, b in pairs])
     subs = w[:, None, None] * a[:, :, None] * values
     out = subs.sum((0, 1)) + (0 if bias is None else (w[:, None] * bias).sum(0))
     return ExpertParts(layer, t, experts, w, a, values, bias, subs, out)
+
+
+def mlp_output(trace, layer: int) -> torch.Tensor:
+    """The MoE MLP output rebuilt from its experts, sum_e w_{t,e} (a_e(x_t) W_down,e + b_e): [T, D]."""
+    chosen, weights, acts = expert_activations(trace, layer)
+    out = torch.zeros(len(trace), trace.lens.d_model, dtype=acts.dtype)
+    for e in chosen.unique().tolist():
+        values, bias = value_vectors(trace.lens, layer, e)
+        rows, slots = torch.where(chosen == e)
+        y = acts[rows, slots] @ values.to(acts.dtype) + (0 if bias is None else bias.to(acts.dtype))
+        out.index_add_(0, rows, weights[rows, slots, None].to(acts.dtype) * y)
+    return out

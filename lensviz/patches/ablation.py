@@ -8,6 +8,7 @@ import torch
 
 from ..checks import check_index, check_index_list, check_number, check_positions
 from ..errors import LensvizError
+from ..lenses.neurons import top_sub_updates
 from .base import Patch, check_heads
 
 NEURON_MODES = ("set", "scale", "on")
@@ -47,8 +48,10 @@ class NeuronPatch(Patch):
     mode "set": m_i = value; "scale": m_i *= value; "on": m_i = the layer's largest sub-update score
     |m_j|·||v_j|| at the last position of the unpatched run, plus 0.01 (LM-Debugger's "on" value,
     applied to m_i directly since SwiGLU has no single pre-activation). positions: None = all.
-    expert: on mixture-of-experts families, the expert e whose neurons a_{e,i} are set (modes "set" and
-    "scale"), at the positions routed to it; the MLP output changes by w_e (a'_e - a_e) W_down,e there.
+    expert: on mixture-of-experts families, the expert e whose neurons a_{e,i} are set, at the positions
+    routed to it; the MLP output changes by w_e (a'_e - a_e) W_down,e there. Its "on" value is the layer's
+    largest sub-update score |w_e' a_{e',j}|·||v_{e',j}|| over the experts routed at the last position,
+    plus 0.01 (`lenses.neurons.top_sub_updates`).
     """
 
     layer: int
@@ -74,8 +77,6 @@ class NeuronPatch(Patch):
             raise LensvizError(f"NeuronPatch(expert=...) needs a mixture-of-experts model; {lens.arch} has a dense MLP")
         else:
             check_index(self.expert, lens.adapter.n_experts(lens.model.config), "expert")
-            if self.mode == "on":
-                raise LensvizError("NeuronPatch(expert=...) takes mode 'set' or 'scale'")
         check_index(self.layer, lens.n_layers, "layer")
         self._neurons(lens)
         check_number(self.value, "value")
@@ -89,6 +90,8 @@ class NeuronPatch(Patch):
     def on_value(self, base) -> float:
         """LM-Debugger's "on" coefficient for this layer: max_j |m_j|·||v_j|| at the last position + 0.01."""
         layer = self.first_layer(base.lens)
+        if self.expert is not None:
+            return float(top_sub_updates(base, 1, layers=[layer], positions=[-1]).scores.max()) + 0.01
         w = base.adapter.as_in_out(base.lens.weight(layer, "mlp_out"))  # [F, D]
         scores = base.mlp_activations(layer)[-1].abs() * w.norm(dim=-1).to(base.mlp_activations(layer).dtype)
         return float(scores.max()) + 0.01
