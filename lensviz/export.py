@@ -36,10 +36,10 @@ class StaticModel {
         if (r) this.emit("msg:custom", { type: "reply", id: msg.id, what: msg.what, meta: r.meta }, r.buffers);
         else this.emit("msg:custom", { type: "reply", id: msg.id, what: msg.what,
           error: "not included in this static export (re-open the notebook with a kernel to compute it)" });
-      } else if (msg.type === "run") {
-        this.set("error", "This is a static export: re-running the model needs a Python kernel.");
-        this.set("done_seq", msg.seq);
       }
+      // Anything else (run, generate, step, stop) needs a kernel: no answer, so the widget says so
+      // calmly within a second (its "no kernel" note, worded for a static page) and puts its
+      // controls back to the state shown.
     }, 0);
   }
 }
@@ -115,6 +115,8 @@ def export_html(explorer_or_trace, path, *, title: str | None = None) -> pathlib
         raise LensvizError(f"export_html takes an Explorer or a Trace, got {type(explorer_or_trace).__name__}")
     state = {k: v for k, v in ex.get_state().items() if not k.startswith("_") or k == "_modules"}
     state["_explorer"] = (STATIC / "explorer.js").read_text()
+    state["_static"] = True          # the page has no kernel: explorer.js words its note for that
+    state["error"] = ""              # nothing has gone wrong on a page that has just opened
     replies = {}
     requests = _requests(ex)
     cells = [r for r in requests if r["what"] == "cell"]  # answered together: one batched projection

@@ -235,7 +235,8 @@ class Explorer(StepThrough, anywidget.AnyWidget):
         if change["new"] not in TABS:
             self.error = f"unknown tab {change['new']!r}"
             return
-        if self.trace is not None and change["new"] in GRADIENT_TABS and not self.trace.has_backward:
+        tr = getattr(self, "trace", None)     # None while __init__ sets tab= (the first run follows)
+        if tr is not None and change["new"] in GRADIENT_TABS and not tr.has_backward:
             self._guarded(lambda: self.run())
 
     # messages from the browser ---------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import traitlets
 
+from ..capture import Cancelled
 from ..checks import SITES, check_index_list
 from ..errors import LensvizError
 from . import stepping
@@ -177,10 +178,18 @@ class StepThrough(traitlets.HasTraits):
         seq = _seq(content)
 
         def go():
-            self._guarded(fn)
+            self._guarded(lambda: self._stoppable(fn))
             self.runs += 1
             self.done_seq = seq
         self._worker.submit(go)
+
+    def _stoppable(self, fn) -> None:
+        """fn(); a run ended by Stop is no error: the status says so and the view shown stays."""
+        try:
+            fn()
+        except Cancelled as e:
+            self.error = ""
+            self.status = f"{e}; showing the last finished run" + self._step_note()
 
     def _on_step_msg(self, kind, content) -> None:
         if kind == "stop":
