@@ -297,8 +297,8 @@ def state_bytes(ex) -> dict:
 
 def long_prompt(lens, n: int) -> str:
     """Text that the tiny tokenizer turns into exactly n tokens."""
-    text = " ".join(models.CORPUS) * (n // 100 + 2)
-    ids = lens.encode(text)[0]
+    text = " ".join(models.CORPUS) * (n // 400 + 1)
+    ids = lens.tokenizer(text, return_tensors="pt")["input_ids"][0]
     cut = n
     for _ in range(40):
         prompt = lens.tokenizer.decode(ids[:cut].tolist())
