@@ -30,15 +30,6 @@ def check_keywords(kwargs: dict) -> None:
         raise LensvizError(f"site must be one of {SITES}, got {kwargs['site']!r}")
 
 
-def in_kernel() -> bool:
-    """True inside a running IPython kernel (runs then go to a thread, so Stop can reach them)."""
-    try:
-        from IPython import get_ipython
-    except ImportError:  # pragma: no cover - IPython comes with ipywidgets
-        return False
-    return getattr(get_ipython(), "kernel", None) is not None
-
-
 def _seq(content) -> int:
     seq = content.get("seq", 0)
     return seq if isinstance(seq, int) and not isinstance(seq, bool) else 0
@@ -202,6 +193,11 @@ class StepThrough(traitlets.HasTraits):
             return
         n, sample, seed = content.get("n"), content.get("sample", False), content.get("seed")
         self._job(content, lambda: self.generate(n, sample=sample, seed=seed))
+
+    @property
+    def threaded(self) -> bool:
+        """True when widget runs go to a background thread (in a notebook kernel), so Stop can reach them."""
+        return self._worker.background
 
     def wait(self, timeout: float | None = None) -> None:
         """Until the widget's background run (if any) has finished."""
