@@ -35,6 +35,7 @@ def shoot(page, html: Path, views, whole: str | None = None) -> None:
     for name, tab, ready, element in views:
         page.locator(f'.lv-tab[data-tab="{tab}"]').click()
         page.locator(ready).first.wait_for(state="visible")
+        page.mouse.move(0, 0)          # no hover tooltip in the shot
         page.wait_for_timeout(400)
         page.locator(element).first.screenshot(path=str(OUT / f"{name}.png"))
         print(f"  docs/images/{name}.png", flush=True)

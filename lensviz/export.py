@@ -70,7 +70,8 @@ def _key(req: dict) -> str:
 def _requests(ex) -> list[dict]:
     """The view requests answered ahead of time: every head's maps for short prompts (else the selected
     layer's), all thumbnails, cell top-k for every cell of a small grid (else the last position),
-    neurons at every layer of the selected position, the Backward Lens tables and one flow graph."""
+    neurons at every layer of the selected position, the Backward Lens tables and their cells at the selected
+    position (hover), and one flow graph."""
     tr, lens, sel = ex.trace, ex.lens, ex.selection
     t, n_layers, n_heads = len(tr), lens.n_layers, lens.n_heads
     kinds = ["forward", "reversed"] if tr.has_backward else ["forward"]
@@ -87,6 +88,8 @@ def _requests(ex) -> list[dict]:
     reqs += [{"what": "neurons", "layer": layer, "position": sel["position"], "include": []} for layer in range(n_layers)]
     if tr.has_backward:
         reqs.append({"what": "backward"})
+        reqs += [{"what": "bl_cell", "layer": layer, "position": sel["position"], "part": part}
+                 for layer in range(n_layers) for part in ("ff2", "ff1")]
         reqs.append({"what": "flow", "position": sel["position"], "layers": [sel["layer"]]})
     return reqs
 
