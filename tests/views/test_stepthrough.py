@@ -298,3 +298,53 @@ def test_worker_keeps_only_the_latest_waiting_job():
     release.set()
     w.wait()
     assert done == ["first", 19]
+
+
+# Stop is no error, tab= at the door, the host's thread, the static export ----------------------------------
+def test_a_stopped_run_is_no_error_and_changes_nothing(lens, monkeypatch):
+    ex = Explorer(lens, PROMPT, target=" Paris")
+    shown, logits = ex.patches, ex.trace.logits.clone()
+
+    def stopped(*a, **k):
+        raise capture.Cancelled("stopped by the user after 2 blocks")
+
+    monkeypatch.setattr(lens, "trace", stopped)
+    ex._on_msg(ex, {"type": "run", "seq": 7, "patches": [{"type": "attention", "eta": -2.0}]}, [])
+    assert ex.error == "" and "stopped by the user after 2 blocks" in ex.status
+    assert ex.done_seq == 7 and ex.runs == 1 and ex.patches == shown and torch.equal(ex.trace.logits, logits)
+    # a stopped step: the step shown stays, and the note says which one
+    monkeypatch.undo()
+    gen = Explorer(lens, PROMPT, generate=3)
+    monkeypatch.setattr(lens, "trace", stopped)
+    gen._on_msg(gen, {"type": "step", "seq": 3, "step": 2}, [])
+    assert gen.step == 0 and gen.error == "" and "step 0 of 3" in gen.status and gen.done_seq == 3
+
+
+def test_tab_keyword_opens_that_view(lens):
+    ex = Explorer(lens, PROMPT, tab="reversed")
+    assert ex.tab == "reversed" and ex.trace.has_backward
+
+
+def test_runs_are_in_the_caller_outside_a_notebook_kernel(lens):
+    from lensviz.views.worker import host_thread
+    assert host_thread() is None and Explorer(lens, PROMPT).threaded is False
+
+
+def test_static_export_opens_without_an_error_and_answers_backward_lens_hovers(lens, tmp_path):
+    import base64
+    import gzip
+    import json
+    import re
+
+    ex = Explorer(lens, PROMPT, target=" Paris")
+    ex.error = "an error from before the export"
+    html = lv.export_html(ex, tmp_path / "x.html").read_text()
+    blob = re.search(r'id="lv-data">([^<]+)</script>', html).group(1)
+    data = json.loads(gzip.decompress(base64.b64decode(blob)))
+    assert data["state"]["error"] == "" and data["state"]["_static"] is True
+    pos = ex.selection["position"]
+    for layer in range(lens.n_layers):
+        for part in ("ff1", "ff2"):
+            key = json.dumps([["layer", layer], ["part", part], ["position", pos], ["what", "bl_cell"]],
+                             separators=(",", ":"))
+            assert data["replies"][key]["meta"] == payload.backward_cell(ex.trace, layer, pos, part)
