@@ -62,6 +62,9 @@ _PAGE = """<!DOCTYPE html>
 """
 
 
+ALL_HEADS_UPTO = 512   # longer prompts: only the selected head's maps are exported (2048^2 B each)
+
+
 def _key(req: dict) -> str:
     return json.dumps([[k, req[k]] for k in sorted(req) if k not in ("type", "id")], separators=(",", ":"),
                       ensure_ascii=False)
@@ -69,19 +72,20 @@ def _key(req: dict) -> str:
 
 def _requests(ex) -> list[dict]:
     """The view requests answered ahead of time: every head's maps for short prompts (else the selected
-    layer's), all thumbnails, cell top-k for every cell of a small grid (else the last position),
+    layer's; past ALL_HEADS_UPTO tokens the selected head's only), all thumbnails, cell top-k for every cell of a small grid (else the last position),
     neurons at every layer of the selected position, the Backward Lens tables and their cells at the selected
     position (hover), and one flow graph."""
     tr, lens, sel = ex.trace, ex.lens, ex.selection
     t, n_layers, n_heads = len(tr), lens.n_layers, lens.n_heads
     kinds = ["forward", "reversed"] if tr.has_backward else ["forward"]
     map_layers = range(n_layers) if t <= 64 else [sel["layer"]]
+    map_heads = range(n_heads) if t <= ALL_HEADS_UPTO else [sel["head"]]   # a T x T map is T^2 bytes
     reqs = [{"what": "thumbs", "layer": layer, "kind": k} for layer in range(n_layers) for k in kinds]
     reqs += [{"what": "attention", "layer": layer, "head": h, "kind": "forward"}
-             for layer in map_layers for h in range(n_heads)]
+             for layer in map_layers for h in map_heads]
     if tr.has_backward:   # the reversed map is asked for with its colour scale (payload.MAP_SCALES)
         reqs += [{"what": "attention", "layer": layer, "head": h, "kind": "reversed", "scale": s}
-                 for layer in map_layers for h in range(n_heads) for s in payload.MAP_SCALES]
+                 for layer in map_layers for h in map_heads for s in payload.MAP_SCALES]
     positions = range(t) if n_layers * t <= 1500 else [sel["position"]]
     reqs += [{"what": "cell", "layer": layer, "position": p, "site": ex.site} for layer in range(n_layers)
              for p in positions]

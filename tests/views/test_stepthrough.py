@@ -348,3 +348,24 @@ def test_static_export_opens_without_an_error_and_answers_backward_lens_hovers(l
             key = json.dumps([["layer", layer], ["part", part], ["position", pos], ["what", "bl_cell"]],
                              separators=(",", ":"))
             assert data["replies"][key]["meta"] == payload.backward_cell(ex.trace, layer, pos, part)
+
+
+def test_long_prompt_export_keeps_only_the_selected_heads_maps(tiny_tokenizer, tmp_path):
+    import base64
+    import gzip
+    import json
+    import re
+
+    from lensviz.export import ALL_HEADS_UPTO
+    lens = lv.Lens(models.build("llama", dtype=torch.float32), tiny_tokenizer, max_tokens=4096)
+    ids = lens.tokenizer(" ".join(models.CORPUS) * 3, return_tensors="pt")["input_ids"][0][:ALL_HEADS_UPTO + 40]
+    ex = Explorer(lens, lens.tokenizer.decode(ids.tolist()))
+    assert len(ex.trace) > ALL_HEADS_UPTO
+    html = lv.export_html(ex, tmp_path / "long.html").read_text()
+    data = json.loads(gzip.decompress(base64.b64decode(re.search(r'id="lv-data">([^<]+)</script>', html).group(1))))
+    maps = [json.loads(k) for k in data["replies"] if '"attention"' in k]
+    sel = ex.selection
+    assert sorted((dict(m)["kind"], dict(m).get("scale")) for m in maps) == \
+        [("forward", None)] + [("reversed", s) for s in sorted(payload.MAP_SCALES)]
+    assert all(dict(m)["layer"] == sel["layer"] and dict(m)["head"] == sel["head"] for m in maps)
+    assert len(html) < 3 * len(ex.trace) ** 2     # a few maps, not 4 per head
