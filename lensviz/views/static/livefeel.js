@@ -42,7 +42,7 @@ export function install(ctx, el, box) {
     const L = msg.n_layers || 1, done = msg.done || 0;
     wrap.style.display = "";
     bar.max = L; bar.value = done % L || (done ? L : 0);
-    text.textContent = `running ${Number(msg.seconds).toFixed(1)} s · ${done} layers done (${msg.stage}, ${L} per pass)`;
+    text.textContent = `running ${Number(msg.seconds).toFixed(1)} s · ${done} layer${done === 1 ? "" : "s"} done (${msg.stage}, ${L} per pass)`;
   });
   ctx.on("lv:restore", () => { inflight = 0; queued = null; stopping = false; hide(); mark(); });
   const runs = () => { el.dataset.lvRuns = String(m.get("runs") || 0); };
