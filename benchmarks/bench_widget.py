@@ -83,6 +83,8 @@ ROOT = HERE.parent
 GOAL_FACTOR = 1.3
 PAYLOAD_GOAL_T256 = 1_000_000
 SLIDER_VALUES = (-3, -4, -2, -5)      # timed moves cycle through these; the warm-up move is -5
+DEBOUNCE_S = 0.2                      # the eta slider's debounce (lensviz/views/static/patches.js)
+LONG_T = 2048                         # issue 14: the long prompt
 
 # bertviz 1.4.1 (head_view.py / head_view.js) loads these from cdnjs. npm has no jquery 2.0.0 (its
 # 2.x line starts at 2.1.0), so jquery 2.1.0 stands in; requirejs on npm ships require.js unminified.
@@ -217,7 +219,14 @@ class KernelProfiler:
         t0 = time.perf_counter()
         tr.logit_lens(k=1)
         t_lens = time.perf_counter() - t0
-        rec = {"type": "baseline", "bare": t_bare, "lens": t_lens, "t_start": t_start,
+        # issue 14's reference: the patched run the widget makes (lensviz's own trace, forward only, as on
+        # the attention tab) for the patch set shown now
+        t_patched = None
+        if ex.trace is not None and ex.trace.patches:
+            t0 = time.perf_counter()
+            ex.lens.trace(ex.base.prompt, ex.base.target_id, patches=ex.trace.patches, base=ex.base, backward=False)
+            t_patched = time.perf_counter() - t0
+        rec = {"type": "baseline", "bare": t_bare, "lens": t_lens, "patched": t_patched, "t_start": t_start,
                "attn_impl": bare.config._attn_implementation, "threads": torch.get_num_threads(),
                "loadavg": [round(x, 2) for x in os.getloadavg()]}
         self.records.append(rec)
@@ -696,6 +705,81 @@ class LabSession:
                 self.lab.stop()
 
 
+RENDER_TIMES_JS = """() => {
+  window.__lvTimes = [];
+  const seen = new Map();
+  const tick = () => {
+    document.querySelectorAll('.lv-explorer').forEach((el) => {
+      if (!seen.has(el)) { const r = {start: performance.now()}; seen.set(el, r); window.__lvTimes.push(r); }
+      const r = seen.get(el);
+      if (r.first === undefined && el.querySelector('.lv-grid .lv-cell') && el.querySelector('.lv-token')
+          && el.querySelector('.lv-norm-cell')) { r.first = performance.now(); r.tokens = el.querySelectorAll('.lv-token').length;
+          r.cells = el.querySelectorAll('.lv-grid .lv-cell').length; }
+      if (r.map === undefined && el.querySelector('canvas.lv-map-forward')) r.map = performance.now();
+    });
+    requestAnimationFrame(tick);
+  };
+  tick();
+}"""
+
+SCROLL_JS = """async () => {
+  const ex = document.querySelector('.lv-explorer');
+  const wrap = ex.querySelector('.lv-grid-wrap'), table = ex.querySelector('.lv-grid');
+  const frame = () => new Promise((r) => requestAnimationFrame(() => r()));
+  const out = [];
+  for (const f of [0.25, 0.5, 0.75]) {
+    const before = table.dataset.columns, t0 = performance.now();
+    wrap.scrollLeft = wrap.scrollWidth * f;
+    while (table.dataset.columns === before && performance.now() - t0 < 10000) await frame();
+    await frame();
+    out.push(performance.now() - t0);
+  }
+  return {scroll_ms: out, cells: table.querySelectorAll('.lv-cell').length, columns: table.dataset.columns};
+}"""
+
+
+class LongSession(LabSession):
+    """JupyterLab with `ex = lv.Explorer(lv.load(), prompt of LONG_T tokens)`: the widget's initial state
+    (counted in the kernel with `state_bytes`), the first render in Chromium (from the widget view's start
+    to tokens + logit-lens grid + head norms drawn, and to the first attention map, which needs a kernel
+    round trip) and the time a scroll of the grid takes to redraw its columns."""
+
+    def start(self) -> "LongSession":
+        from harness.browser import LabServer, open_notebook, wait_kernel_idle, write_notebook
+
+        nbdir = self.work / "lab-long"
+        self.size_path = self.work / "long-state.json"
+        write_notebook(nbdir / "long.ipynb", [
+            f"import sys, json, torch\nsys.path[:0] = [{str(HERE)!r}, {str(ROOT)!r}]\nimport lensviz as lv\n"
+            "from bench_widget import prompt_of_length, state_bytes\ntorch.get_num_threads()",
+            f"lens = lv.load(progress=False)\nprompt, _ = prompt_of_length(lens, {self.T})\n"
+            f"ex = lv.Explorer(lens, prompt)\njson.dump(state_bytes(ex), open({str(self.size_path)!r}, 'w'))\nex",
+        ])
+        self.lab = LabServer(nbdir, tmp_parent=self.work).start()
+        self.ctx = self.browser.new_context(viewport={"width": 1280, "height": 1000})
+        self.page = page = self.ctx.new_page()
+        page.set_default_timeout(600_000)
+        open_notebook(page, self.lab, "long.ipynb", timeout=180_000)
+        page.evaluate(RENDER_TIMES_JS)
+        wait_kernel_idle(page, 180_000)
+        page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(r"^Run$")).click()
+        page.locator(".lm-Menu-item[data-command='runmenu:run-all']").click()
+        return self
+
+    def measure_long(self, shots: Path) -> dict:
+        page, T = self.page, self.T
+        t0 = time.perf_counter()
+        page.wait_for_function(f"window.__lvTimes.some((r) => r.tokens === {T} && r.map !== undefined)",
+                               timeout=900_000, polling=200)
+        rec = [r for r in page.evaluate("window.__lvTimes") if r.get("tokens") == T][0]
+        out = {"T": T, "wait_s": time.perf_counter() - t0, "first_render_s": (rec["first"] - rec["start"]) / 1000,
+               "first_map_s": (rec["map"] - rec["start"]) / 1000, "cells_drawn": rec["cells"],
+               "state": json.loads(self.size_path.read_text())}
+        out.update(page.evaluate(SCROLL_JS))
+        page.locator(".lv-explorer").first.screenshot(path=str(shots / "lab-long.png"))
+        return out
+
+
 # ------------------------------------------------------------------------------------------------
 # report
 def summarize_lab(lab: dict) -> dict:
@@ -719,6 +803,12 @@ def summarize_lab(lab: dict) -> dict:
     s["followups_s"] = stats([sum(f["total"] for f in m.get("followups", [])) for m in moves])
     s["followups_what"] = sorted({f["what"] for m in moves for f in m.get("followups", [])})
     s["goal_s"] = GOAL_FACTOR * s["baseline"]["median"] if s["baseline"] else None
+    # issue 14: the debounce + the patched run + the visible lens
+    b14 = [(m, DEBOUNCE_S + m["baseline"]["patched"] + m["baseline"]["lens"]) for m in moves
+           if m.get("baseline") and m["baseline"].get("patched") is not None]
+    s["patched"] = stats([m["baseline"]["patched"] for m, _ in b14])
+    s["baseline14"] = stats([b for _, b in b14])
+    s["ratio14_paired"] = stats([(m["dom"] - m["fill"]) / 1000 / b for m, b in b14])
     recs = [m["kernel"] for m in withk]
     labels = []
     for r in recs:
@@ -911,7 +1001,13 @@ def main():
     ap.add_argument("--workdir", default=None, help="pages, screenshots, Lab home (default: a new temp dir)")
     ap.add_argument("--keep-pages", action="store_true", help="keep the HTML pages (about 1.1 GB at T=256)")
     ap.add_argument("--out", default=str(HERE / "results" / "widget"), help="writes OUT.md and OUT.json")
+    ap.add_argument("--issue14", action="store_true",
+                    help="only issue 14's figures: the slider at T=64 against debounce + patched run + lens, and "
+                         f"a T={LONG_T} prompt's state size, first render and scroll (writes OUT-issue14.md/json)")
     args = ap.parse_args()
+    if args.issue14:
+        sys.path.insert(0, str(ROOT))
+        return issue14_main(args)
     ensure_deps()
     sys.path.insert(0, str(ROOT))
 
@@ -1012,6 +1108,90 @@ def main():
     out.with_suffix(".json").write_text(json.dumps(res, indent=1, default=str))
     print("\n" + md_text)
     log(f"\nwrote {out.with_suffix('.md')} and {out.with_suffix('.json')}; screenshots in {shots}")
+
+
+def issue14_main(args) -> None:
+    """Issue 14's figures only (see --issue14): two JupyterLab sessions, one after the other."""
+    import torch
+    from playwright.sync_api import sync_playwright
+
+    import lensviz as lv
+    from harness.browser import CHROMIUM, CHROMIUM_ARGS
+
+    torch.set_num_threads(2)
+    t_start = time.perf_counter()
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="lensviz-bench-issue14-"))
+    shots = work / "shots"
+    shots.mkdir(parents=True, exist_ok=True)
+    res = {"meta": {"date": datetime.datetime.now().isoformat(timespec="seconds"), "cpu": cpu_name(),
+                    "cpus": os.cpu_count(), "loadavg_start": loadavg(), "workdir": str(work)}}
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            lab = LabSession(browser, work).start()
+            try:
+                lens = lv.load(progress=False)
+                lab.ready(lens.n_layers)
+                res["lab"] = lab.measure(args.slider_reps, shots)
+                prompt64 = res["lab"]["prompt"]
+                base = lens.trace(prompt64)
+                res["lab"]["expected_probs"] = {
+                    v: float(torch.softmax(lens.trace(prompt64, base.target_id, patches=(lv.AttentionPatch(v),),
+                                                      base=base, backward=False).logits[-1].double(), -1)[base.target_id])
+                    for v in sorted({m["value"] for m in res["lab"]["moves"]})}
+                res["lab_summary"] = summarize_lab(res["lab"])
+                del lens, base
+            finally:
+                lab.close()
+            long = LongSession(browser, work, T=LONG_T).start()
+            try:
+                res["long"] = long.measure_long(shots)
+                log(f"T={LONG_T}: {res['long']}")
+            finally:
+                long.close()
+        finally:
+            browser.close()
+    res["wall_s"] = time.perf_counter() - t_start
+    res["loadavg_end"] = loadavg()
+    md_text = issue14_report(res)
+    out = Path(args.out + "-issue14")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text(md_text + "\n")
+    out.with_suffix(".json").write_text(json.dumps(res, indent=1, default=str))
+    print("\n" + md_text)
+    log(f"wrote {out.with_suffix('.md')}; screenshots in {shots}")
+
+
+def issue14_report(res: dict) -> str:
+    meta, s, lg = res["meta"], res.get("lab_summary") or {}, res.get("long") or {}
+    med = lambda st: st["median"] if st else float("nan")  # noqa: E731
+    lines = [f"Run {meta['date']} on {meta['cpu']} ({meta['cpus']} logical CPUs, shared with other agents' "
+             f"builds and tests), load average {meta['loadavg_start']} at start, {res.get('loadavg_end')} at end.", ""]
+    if s:
+        lines += ["| SmolLM2, T=64, eta slider | median (min-max) |", "|---|---|",
+                  f"| slider -> updated DOM | {fmt_stats(s['latency'])} |",
+                  f"| debounce | {DEBOUNCE_S:.3f} s |",
+                  f"| patched run (lens.trace, forward, in the kernel) | {fmt_stats(s['patched'])} |",
+                  f"| visible lens (trace.logit_lens(k=1)) | {fmt_stats(s['lens'])} |",
+                  f"| reference: debounce + patched run + lens | {fmt_stats(s['baseline14'])} |",
+                  f"| ratio (paired per move) | {fmt_stats(s['ratio14_paired'], unit='x')} (goal <= {GOAL_FACTOR}) |",
+                  f"| max rel. diff of the DOM's probability vs Python | {s.get('max_rel_prob_diff')} |", ""]
+    if lg:
+        st = lg["state"]
+        lines += [f"| SmolLM2, T={lg['T']} | value |", "|---|---|",
+                  f"| initial widget state | {st['total']:,} B (data {st['data']:,} B + code {st['code']:,} B) |",
+                  f"| first render in Chromium (tokens, logit-lens grid, head norms) | {lg['first_render_s']:.2f} s |",
+                  f"| first attention map (a kernel round trip) | {lg['first_map_s']:.2f} s |",
+                  f"| grid cells drawn (windowed) | {lg['cells_drawn']} of {30 * lg['T']} |",
+                  f"| scroll -> columns redrawn | {', '.join(f'{x:.0f}' for x in lg['scroll_ms'])} ms |",
+                  f"| kernel: building the Explorer until the map shows | {lg['wait_s']:.0f} s |"]
+    return "\n".join(lines)
+
+
+def fmt_stats(st, unit="s") -> str:
+    if not st:
+        return "n/a"
+    return f"{st['median']:.3f} {unit} ({st['min']:.3f}-{st['max']:.3f}, n={st['n']})"
 
 
 if __name__ == "__main__":

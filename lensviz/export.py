@@ -36,10 +36,10 @@ class StaticModel {
         if (r) this.emit("msg:custom", { type: "reply", id: msg.id, what: msg.what, meta: r.meta }, r.buffers);
         else this.emit("msg:custom", { type: "reply", id: msg.id, what: msg.what,
           error: "not included in this static export (re-open the notebook with a kernel to compute it)" });
-      } else if (msg.type === "run") {
-        this.set("error", "This is a static export: re-running the model needs a Python kernel.");
-        this.set("done_seq", msg.seq);
       }
+      // Anything else (run, generate, step, stop) needs a kernel: no answer, so the widget says so
+      // calmly within a second (its "no kernel" note, worded for a static page) and puts its
+      // controls back to the state shown.
     }, 0);
   }
 }
@@ -62,6 +62,9 @@ _PAGE = """<!DOCTYPE html>
 """
 
 
+ALL_HEADS_UPTO = 512   # longer prompts: only the selected head's maps are exported (2048^2 B each)
+
+
 def _key(req: dict) -> str:
     return json.dumps([[k, req[k]] for k in sorted(req) if k not in ("type", "id")], separators=(",", ":"),
                       ensure_ascii=False)
@@ -69,24 +72,28 @@ def _key(req: dict) -> str:
 
 def _requests(ex) -> list[dict]:
     """The view requests answered ahead of time: every head's maps for short prompts (else the selected
-    layer's), all thumbnails, cell top-k for every cell of a small grid (else the last position),
-    neurons at every layer of the selected position, the Backward Lens tables and one flow graph."""
+    layer's; past ALL_HEADS_UPTO tokens the selected head's only), all thumbnails, cell top-k for every cell of a small grid (else the last position),
+    neurons at every layer of the selected position, the Backward Lens tables and their cells at the selected
+    position (hover), and one flow graph."""
     tr, lens, sel = ex.trace, ex.lens, ex.selection
     t, n_layers, n_heads = len(tr), lens.n_layers, lens.n_heads
     kinds = ["forward", "reversed"] if tr.has_backward else ["forward"]
     map_layers = range(n_layers) if t <= 64 else [sel["layer"]]
+    map_heads = range(n_heads) if t <= ALL_HEADS_UPTO else [sel["head"]]   # a T x T map is T^2 bytes
     reqs = [{"what": "thumbs", "layer": layer, "kind": k} for layer in range(n_layers) for k in kinds]
     reqs += [{"what": "attention", "layer": layer, "head": h, "kind": "forward"}
-             for layer in map_layers for h in range(n_heads)]
+             for layer in map_layers for h in map_heads]
     if tr.has_backward:   # the reversed map is asked for with its colour scale (payload.MAP_SCALES)
         reqs += [{"what": "attention", "layer": layer, "head": h, "kind": "reversed", "scale": s}
-                 for layer in map_layers for h in range(n_heads) for s in payload.MAP_SCALES]
+                 for layer in map_layers for h in map_heads for s in payload.MAP_SCALES]
     positions = range(t) if n_layers * t <= 1500 else [sel["position"]]
     reqs += [{"what": "cell", "layer": layer, "position": p, "site": ex.site} for layer in range(n_layers)
              for p in positions]
     reqs += [{"what": "neurons", "layer": layer, "position": sel["position"], "include": []} for layer in range(n_layers)]
     if tr.has_backward:
         reqs.append({"what": "backward"})
+        reqs += [{"what": "bl_cell", "layer": layer, "position": sel["position"], "part": part}
+                 for layer in range(n_layers) for part in ("ff2", "ff1")]
         reqs.append({"what": "flow", "position": sel["position"], "layers": [sel["layer"]]})
     return reqs
 
@@ -115,6 +122,8 @@ def export_html(explorer_or_trace, path, *, title: str | None = None) -> pathlib
         raise LensvizError(f"export_html takes an Explorer or a Trace, got {type(explorer_or_trace).__name__}")
     state = {k: v for k, v in ex.get_state().items() if not k.startswith("_") or k == "_modules"}
     state["_explorer"] = (STATIC / "explorer.js").read_text()
+    state["_static"] = True          # the page has no kernel: explorer.js words its note for that
+    state["error"] = ""              # nothing has gone wrong on a page that has just opened
     replies = {}
     requests = _requests(ex)
     cells = [r for r in requests if r["what"] == "cell"]  # answered together: one batched projection

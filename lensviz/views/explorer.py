@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import pathlib
 import time
+from threading import Thread
 
 import anywidget
 import traitlets
@@ -17,8 +18,8 @@ from ..errors import LensvizError
 from ..lens import Lens
 from ..trace import Trace
 from . import payload, snapshot, stepping
-from .stepthrough import TABS, StepThrough, check_keywords, in_kernel
-from .worker import Worker
+from .stepthrough import TABS, StepThrough, check_keywords
+from .worker import Worker, host_thread
 
 STATIC = pathlib.Path(__file__).parent / "static"
 VIEW_MODULES = ("util", "tokens", "logitlens", "attention", "neurons", "backward", "flow", "masks", "patches",
@@ -158,7 +159,8 @@ class Explorer(StepThrough, anywidget.AnyWidget):
         self._patch_objs = ()
         self._stepping = None
         self._step_cache = {}
-        self._worker = Worker(self._report_progress, background=in_kernel())
+        thread = host_thread()
+        self._worker = Worker(self._report_progress, background=thread is not None, thread_class=thread or Thread)
         self.model_name = lens.name   # hub id, folder name or "... (embedded)": never an absolute path
         self._modules = view_sources()
         self.on_msg(self._on_msg)
@@ -235,7 +237,8 @@ class Explorer(StepThrough, anywidget.AnyWidget):
         if change["new"] not in TABS:
             self.error = f"unknown tab {change['new']!r}"
             return
-        if self.trace is not None and change["new"] in GRADIENT_TABS and not self.trace.has_backward:
+        tr = getattr(self, "trace", None)     # None while __init__ sets tab= (the first run follows)
+        if tr is not None and change["new"] in GRADIENT_TABS and not tr.has_backward:
             self._guarded(lambda: self.run())
 
     # messages from the browser ---------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import traitlets
 
+from ..capture import Cancelled
 from ..checks import SITES, check_index_list
 from ..errors import LensvizError
 from . import stepping
@@ -27,15 +28,6 @@ def check_keywords(kwargs: dict) -> None:
         raise LensvizError(f"tab must be one of {TABS}, got {kwargs['tab']!r}")
     if "site" in kwargs and kwargs["site"] not in SITES:
         raise LensvizError(f"site must be one of {SITES}, got {kwargs['site']!r}")
-
-
-def in_kernel() -> bool:
-    """True inside a running IPython kernel (runs then go to a thread, so Stop can reach them)."""
-    try:
-        from IPython import get_ipython
-    except ImportError:  # pragma: no cover - IPython comes with ipywidgets
-        return False
-    return getattr(get_ipython(), "kernel", None) is not None
 
 
 def _seq(content) -> int:
@@ -177,10 +169,18 @@ class StepThrough(traitlets.HasTraits):
         seq = _seq(content)
 
         def go():
-            self._guarded(fn)
+            self._guarded(lambda: self._stoppable(fn))
             self.runs += 1
             self.done_seq = seq
         self._worker.submit(go)
+
+    def _stoppable(self, fn) -> None:
+        """fn(); a run ended by Stop is no error: the status says so and the view shown stays."""
+        try:
+            fn()
+        except Cancelled as e:
+            self.error = ""
+            self.status = f"{e}; showing the last finished run" + self._step_note()
 
     def _on_step_msg(self, kind, content) -> None:
         if kind == "stop":
@@ -193,6 +193,11 @@ class StepThrough(traitlets.HasTraits):
             return
         n, sample, seed = content.get("n"), content.get("sample", False), content.get("seed")
         self._job(content, lambda: self.generate(n, sample=sample, seed=seed))
+
+    @property
+    def threaded(self) -> bool:
+        """True when widget runs go to a background thread (in a notebook kernel), so Stop can reach them."""
+        return self._worker.background
 
     def wait(self, timeout: float | None = None) -> None:
         """Until the widget's background run (if any) has finished."""

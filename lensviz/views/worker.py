@@ -18,9 +18,11 @@ class Worker:
     """One background thread at a time. submit(fn) runs fn() inside `capture.watching`; report(done, stage,
     seconds) is called (from the worker thread) at most every PROGRESS_EVERY s after PROGRESS_AFTER s."""
 
-    def __init__(self, report: Callable[[int, str, float], None], background: bool = True):
+    def __init__(self, report: Callable[[int, str, float], None], background: bool = True,
+                 thread_class: type = threading.Thread):
         self.report = report
         self.background = background
+        self.thread_class = thread_class
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._next: Callable[[], None] | None = None
@@ -76,7 +78,7 @@ class Worker:
                 self._next = fn
                 return
             self._stop.clear()
-            self._thread = threading.Thread(target=self._go, args=(fn,), name="lensviz-explorer-run", daemon=True)
+            self._thread = self.thread_class(target=self._go, args=(fn,), name="lensviz-explorer-run", daemon=True)
             self._thread.start()
 
     def wait(self, timeout: float | None = None) -> None:
@@ -87,3 +89,21 @@ class Worker:
             if timeout is not None:
                 return
             t = self._thread
+
+
+def host_thread() -> type | None:
+    """The thread class for the Explorer's background runs in this host: threading.Thread inside an IPython
+    kernel (Jupyter, Voilà, VS Code), marimo's mo.Thread inside a marimo notebook (a plain thread there
+    cannot reach the front end), None elsewhere (scripts and tests: runs happen in the caller)."""
+    import sys
+
+    try:
+        from IPython import get_ipython
+    except ImportError:  # pragma: no cover - IPython comes with ipywidgets
+        get_ipython = None
+    if get_ipython is not None and getattr(get_ipython(), "kernel", None) is not None:
+        return threading.Thread
+    mo = sys.modules.get("marimo")
+    if mo is not None and getattr(mo, "running_in_notebook", lambda: False)() and hasattr(mo, "Thread"):
+        return mo.Thread
+    return None

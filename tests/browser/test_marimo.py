@@ -16,7 +16,8 @@ from tests.conftest import PROMPT
 SOURCE = marimo_notebook([
     f"import sys\nsys.path.insert(0, {str(REPO)!r})\nimport marimo as mo\nimport lensviz as lv\n"
     "from tests import models\nlens = lv.Lens(models.build('llama'), models.tokenizer())",
-    f"ex = mo.ui.anywidget(lv.Explorer(lens, {PROMPT!r}, target=' Paris'))\nex",
+    f"explorer = lv.Explorer(lens, {PROMPT!r}, target=' Paris')\nex = mo.ui.anywidget(explorer)\nex",
+    "mo.md(f'threaded runs: {explorer.threaded}')",
 ])
 
 
@@ -61,12 +62,16 @@ def test_explorer_in_marimo(mode, marimo, page, artifacts):
     expect(ex.locator(".lv-tip .lv-bar-row")).to_have_count(10)
     page.mouse.move(0, 0)
 
-    # patch re-runs: the slider, then a neuron toggle; the DOM shows what Python computes
+    # patch re-runs (in the Explorer's background thread, a mo.Thread): the slider, then a neuron
+    # toggle; the DOM shows what Python computes
+    expect(page.get_by_text("threaded runs: True")).to_be_visible()
+    runs0 = int(ex.get_attribute("data-lv-runs"))
     ex.locator(".lv-eta").fill("-5")
     patched = ex.locator(".lv-patched-prob")
     expect(patched).to_be_visible()
     assert float(patched.get_attribute("data-prob")) == pytest.approx(expected_prob(-5.0), rel=1e-6)
     expect(ex.locator('.lv-patch-chip[data-type="attention"]')).to_contain_text("η=-5")
+    expect(ex).to_have_attribute("data-lv-runs", str(runs0 + 1))
     ex.locator(".lv-reset").click()
     expect(ex.locator(".lv-patched-prob")).to_have_count(0)
     ex.locator('.lv-tab[data-tab="neurons"]').click()

@@ -32,7 +32,7 @@ def voila(tmp_path_factory, request):
 
 
 def test_explorer_in_voila(tmp_path, voila, page, artifacts):
-    write_notebook(tmp_path / "explorer.ipynb", CELLS[:2])
+    write_notebook(tmp_path / "explorer.ipynb", CELLS[:2] + ["print('threaded runs:', ex.threaded)"])
     server = voila(tmp_path, "explorer.ipynb")
     page.goto(server.page_url)
     ex = page.locator(".lv-explorer").first
@@ -44,10 +44,18 @@ def test_explorer_in_voila(tmp_path, voila, page, artifacts):
     ex.locator(".lv-token").nth(2).click()
     expect(ex.locator(".lv-cell.lv-colsel").first).to_have_attribute("data-pos", "2")
     expect(ex.locator(".lv-fig figcaption").first).to_contain_text("row = query 2")
+    # the runs go to the Explorer's background thread here (Voilà's kernel is an IPython kernel), and a
+    # patch re-run from that thread reaches the page: twice, the second replacing the first
+    expect(page.get_by_text("threaded runs: True")).to_be_visible()
+    runs0 = int(ex.get_attribute("data-lv-runs"))
     ex.locator(".lv-eta").fill("-5")
     patched = ex.locator(".lv-patched-prob")
     expect(patched).to_be_visible()
     assert float(patched.get_attribute("data-prob")) == pytest.approx(expected_prob(-5.0), rel=1e-6)
+    ex.locator(".lv-eta").fill("-3")
+    expect(ex.locator('.lv-patch-chip[data-type="attention"]')).to_contain_text("η=-3 ")
+    assert float(patched.get_attribute("data-prob")) == pytest.approx(expected_prob(-3.0), rel=1e-6)
+    expect(ex).to_have_attribute("data-lv-runs", str(runs0 + 2))
     ex.locator('.lv-tab[data-tab="reversed"]').click()
     expect(ex.locator(".lv-map-reversed")).to_be_visible()
     page.screenshot(path=str(artifacts / "voila.png"), full_page=True)

@@ -298,3 +298,74 @@ def test_worker_keeps_only_the_latest_waiting_job():
     release.set()
     w.wait()
     assert done == ["first", 19]
+
+
+# Stop is no error, tab= at the door, the host's thread, the static export ----------------------------------
+def test_a_stopped_run_is_no_error_and_changes_nothing(lens, monkeypatch):
+    ex = Explorer(lens, PROMPT, target=" Paris")
+    shown, logits = ex.patches, ex.trace.logits.clone()
+
+    def stopped(*a, **k):
+        raise capture.Cancelled("stopped by the user after 2 blocks")
+
+    monkeypatch.setattr(lens, "trace", stopped)
+    ex._on_msg(ex, {"type": "run", "seq": 7, "patches": [{"type": "attention", "eta": -2.0}]}, [])
+    assert ex.error == "" and "stopped by the user after 2 blocks" in ex.status
+    assert ex.done_seq == 7 and ex.runs == 1 and ex.patches == shown and torch.equal(ex.trace.logits, logits)
+    # a stopped step: the step shown stays, and the note says which one
+    monkeypatch.undo()
+    gen = Explorer(lens, PROMPT, generate=3)
+    monkeypatch.setattr(lens, "trace", stopped)
+    gen._on_msg(gen, {"type": "step", "seq": 3, "step": 2}, [])
+    assert gen.step == 0 and gen.error == "" and "step 0 of 3" in gen.status and gen.done_seq == 3
+
+
+def test_tab_keyword_opens_that_view(lens):
+    ex = Explorer(lens, PROMPT, tab="reversed")
+    assert ex.tab == "reversed" and ex.trace.has_backward
+
+
+def test_runs_are_in_the_caller_outside_a_notebook_kernel(lens):
+    from lensviz.views.worker import host_thread
+    assert host_thread() is None and Explorer(lens, PROMPT).threaded is False
+
+
+def test_static_export_opens_without_an_error_and_answers_backward_lens_hovers(lens, tmp_path):
+    import base64
+    import gzip
+    import json
+    import re
+
+    ex = Explorer(lens, PROMPT, target=" Paris")
+    ex.error = "an error from before the export"
+    html = lv.export_html(ex, tmp_path / "x.html").read_text()
+    blob = re.search(r'id="lv-data">([^<]+)</script>', html).group(1)
+    data = json.loads(gzip.decompress(base64.b64decode(blob)))
+    assert data["state"]["error"] == "" and data["state"]["_static"] is True
+    pos = ex.selection["position"]
+    for layer in range(lens.n_layers):
+        for part in ("ff1", "ff2"):
+            key = json.dumps([["layer", layer], ["part", part], ["position", pos], ["what", "bl_cell"]],
+                             separators=(",", ":"))
+            assert data["replies"][key]["meta"] == payload.backward_cell(ex.trace, layer, pos, part)
+
+
+def test_long_prompt_export_keeps_only_the_selected_heads_maps(tiny_tokenizer, tmp_path):
+    import base64
+    import gzip
+    import json
+    import re
+
+    from lensviz.export import ALL_HEADS_UPTO
+    lens = lv.Lens(models.build("llama", dtype=torch.float32), tiny_tokenizer, max_tokens=4096)
+    ids = lens.tokenizer(" ".join(models.CORPUS) * 3, return_tensors="pt")["input_ids"][0][:ALL_HEADS_UPTO + 40]
+    ex = Explorer(lens, lens.tokenizer.decode(ids.tolist()))
+    assert len(ex.trace) > ALL_HEADS_UPTO
+    html = lv.export_html(ex, tmp_path / "long.html").read_text()
+    data = json.loads(gzip.decompress(base64.b64decode(re.search(r'id="lv-data">([^<]+)</script>', html).group(1))))
+    maps = [json.loads(k) for k in data["replies"] if '"attention"' in k]
+    sel = ex.selection
+    assert sorted((dict(m)["kind"], dict(m).get("scale")) for m in maps) == \
+        [("forward", None)] + [("reversed", s) for s in sorted(payload.MAP_SCALES)]
+    assert all(dict(m)["layer"] == sel["layer"] and dict(m)["head"] == sel["head"] for m in maps)
+    assert len(html) < 3 * len(ex.trace) ** 2     # a few maps, not 4 per head

@@ -77,8 +77,11 @@ function makeContext(model, el, util) {
     waitTimer = null;
     el.classList.remove("lv-busy");
     el.classList.add("lv-no-kernel");
-    note.textContent = "No Python kernel answered within a second: this needs a running kernel " +
-      "(a saved or exported page has none). The view shows the last computed state.";
+    note.textContent = model.get("_static")
+      ? "This is a static export: re-running the model needs a Python kernel (open the notebook with one). " +
+        "The view shows the exported state."
+      : "No Python kernel answered within a second: this needs a running kernel " +
+        "(a saved or exported page has none). The view shows the last computed state.";
     emit("lv:restore");                       // controls go back to the state shown
   };
   function sendOrSay(msg) {

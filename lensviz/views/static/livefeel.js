@@ -4,11 +4,11 @@
 export function install(ctx, el, box) {
   const { h } = ctx.util;
   const m = ctx.model;
-  let inflight = 0, queued = null, seq = 0, sent = 0;
+  let inflight = 0, queued = null, seq = 0, sent = 0, stopping = false;
   const text = h("span", { class: "lv-progress-text", role: "status", "aria-live": "polite" });
   const bar = h("progress", { class: "lv-progress-bar", max: 1, value: 0 });
   const stop = h("button", { class: "lv-stop", text: "Stop", title: "end this run at the next layer",
-    onclick: () => { ctx.send({ type: "stop" }); text.textContent = "stopping…"; } });
+    onclick: () => { stopping = true; queued = null; mark(); ctx.send({ type: "stop" }); text.textContent = "stopping…"; } });
   const wrap = h("div", { class: "lv-progress", style: { display: "none" } }, bar, " ", text, " ", stop);
   box.append(wrap);
   const hide = () => { wrap.style.display = "none"; };
@@ -32,6 +32,8 @@ export function install(ctx, el, box) {
   ctx.on("change:done_seq", () => {
     if (!inflight || m.get("done_seq") < inflight) return;
     inflight = 0; hide();
+    // A stopped run changed nothing in the kernel: the controls go back to the state shown.
+    if (stopping) { stopping = false; el.classList.remove("lv-busy"); mark(); ctx.emit("lv:restore"); return; }
     if (queued) { const q = queued; queued = null; send(q); } else { el.classList.remove("lv-busy"); mark(); }
   });
   ctx.on("msg:custom", (msg) => {
@@ -40,9 +42,9 @@ export function install(ctx, el, box) {
     const L = msg.n_layers || 1, done = msg.done || 0;
     wrap.style.display = "";
     bar.max = L; bar.value = done % L || (done ? L : 0);
-    text.textContent = `running ${Number(msg.seconds).toFixed(1)} s · ${done} layers done (${msg.stage}, ${L} per pass)`;
+    text.textContent = `running ${Number(msg.seconds).toFixed(1)} s · ${done} layer${done === 1 ? "" : "s"} done (${msg.stage}, ${L} per pass)`;
   });
-  ctx.on("lv:restore", () => { inflight = 0; queued = null; hide(); mark(); });
+  ctx.on("lv:restore", () => { inflight = 0; queued = null; stopping = false; hide(); mark(); });
   const runs = () => { el.dataset.lvRuns = String(m.get("runs") || 0); };
   ctx.on("change:runs", runs); runs();
   mark();

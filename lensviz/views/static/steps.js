@@ -24,6 +24,12 @@ export function mount(ctx, box) {
     ctx.job({ type: "step", step: k });
   };
   scrub.addEventListener("input", () => go(Number.parseInt(scrub.value, 10)));
+  // While the pointer drags the scrubber its value is the user's; otherwise it follows ex.step (Python
+  // may set it, or a stopped step goes back), focused or not.
+  let dragging = false;
+  scrub.addEventListener("pointerdown", () => { dragging = true; });
+  const settle = () => { dragging = false; if (!ctx.el.classList.contains("lv-busy")) scrub.value = Math.max(0, m.get("step")); };
+  for (const ev of ["pointerup", "pointercancel", "blur"]) scrub.addEventListener(ev, settle);
   const label = (k) => {
     const toks = m.get("generated") || [];
     out.textContent = `${k} of ${toks.length} · target ${JSON.stringify(toks[k] ?? "")}`;
@@ -32,7 +38,7 @@ export function mount(ctx, box) {
     const toks = m.get("generated") || [], k = m.get("step");
     stepper.style.display = toks.length ? "" : "none";
     scrub.max = Math.max(0, toks.length - 1);
-    if (document.activeElement !== scrub) scrub.value = Math.max(0, k);
+    if (!dragging) scrub.value = Math.max(0, k);
     label(Math.max(0, k));
     box.dataset.step = String(k);
     chips.replaceChildren(...toks.map((t, i) => h("button", { role: "listitem", class: "lv-chip lv-gen-token" + (i === k ? " lv-selected" : "") + (i < k ? " lv-gen-done" : ""),

@@ -39,38 +39,44 @@ export function mount(ctx, header, strip) {
   const syncError = () => { error.textContent = m.get("error"); };
 
   // Token strip: a toolbar of buttons with one tab stop (the selected token); arrow keys / Home /
-  // End move the selection, Shift+arrow extends a range, Enter / Space activate (select) a token.
+  // End move the selection (the selected set stays), Enter / Space select the focused token alone (as a
+  // click does). The selected set: Shift-click or Shift+Enter / Shift+Space adds the token to it (or
+  // removes it), Shift+arrow moves and adds every token passed over.
   strip.setAttribute("role", "toolbar");
-  strip.setAttribute("aria-label", "tokens (arrow keys move the selected position)");
+  strip.setAttribute("aria-label", "tokens (arrow keys move the selected position; Shift+Enter adds it to the selected set)");
+  const setOf = (sel) => new Set(sel.positions && sel.positions.length ? sel.positions : [sel.position]);
+  const toggle = (i) => {
+    const sel = m.get("selection") || {}, s = setOf(sel);
+    if (s.has(i) && s.size > 1) s.delete(i); else s.add(i);
+    ctx.select({ positions: [...s].sort((x, y) => x - y), position: i, range: null });
+  };
   const syncStrip = () => {
     const toks = m.get("tokens"), sel = m.get("selection") || {};
-    const [a, b] = sel.range || [sel.position, sel.position];
     const set = new Set(sel.positions || []);
     const refocus = strip.contains(document.activeElement);
     strip.replaceChildren(...toks.map((t, i) => h("button", {
-      class: "lv-token" + (i >= Math.min(a, b) && i <= Math.max(a, b) ? " lv-selected" : "") + (set.has(i) ? " lv-in-set" : ""),
+      class: "lv-token" + (i === sel.position ? " lv-selected" : "") + (set.has(i) ? " lv-in-set" : ""),
       "data-pos": i, title: `position ${i}: ${JSON.stringify(t)}`, text: show(t),
-      tabindex: i === sel.position ? "0" : "-1", "aria-pressed": String(i === sel.position),
-      "aria-label": `token ${i}: ${JSON.stringify(t)}`,
+      tabindex: i === sel.position ? "0" : "-1", "aria-pressed": String(i === sel.position || set.has(i)),
+      "aria-label": `token ${i}: ${JSON.stringify(t)}` + (set.has(i) ? " (in the selected set)" : ""),
       // Shift-click adds a position to (or removes it from) the selected set; a plain click selects one.
-      onclick: (e) => {
-        if (e.shiftKey) {
-          const s = new Set(sel.positions && sel.positions.length ? sel.positions : [sel.position]);
-          if (s.has(i) && s.size > 1) s.delete(i); else s.add(i);
-          ctx.select({ positions: [...s].sort((x, y) => x - y), position: i, range: null });
-        } else ctx.select({ position: i, range: null, positions: null });
-      },
+      // (a click the keyboard made with Shift held is the keydown handler's: it has toggled already)
+      onclick: (e) => { if (e.shiftKey && e.detail === 0) return; if (e.shiftKey) toggle(i); else ctx.select({ position: i, range: null, positions: null }); },
     })));
     if (refocus) { const f = strip.querySelector('[tabindex="0"]'); if (f) f.focus(); }
   };
   strip.addEventListener("keydown", (e) => {
     const sel = m.get("selection"), n = m.get("tokens").length;
+    if ((e.key === "Enter" || e.key === " ") && e.shiftKey) { e.preventDefault(); toggle(sel.position); return; }
     const step = { ArrowLeft: -1, ArrowRight: 1, Home: -Infinity, End: Infinity }[e.key];
     if (step === undefined) return;
     e.preventDefault();
     const p = Math.max(0, Math.min(n - 1, sel.position + step));
-    if (e.shiftKey) ctx.select({ position: p, range: [(sel.range || [sel.position])[0], p] });
-    else ctx.select({ position: p, range: null });
+    if (e.shiftKey) {
+      const s = setOf(sel);
+      for (let i = Math.min(p, sel.position); i <= Math.max(p, sel.position); i++) s.add(i);
+      ctx.select({ position: p, range: null, positions: [...s].sort((x, y) => x - y) });
+    } else ctx.select({ position: p, range: null });
   });
   for (const k of ["prompt", "target", "summary", "base_summary", "diff", "status"]) ctx.on("change:" + k, syncHeader);
   ctx.on("change:error", syncError);
