@@ -11,15 +11,15 @@ def d_mlp_n_inner(config) -> int:
     return int(config.n_inner or 4 * config.hidden_size)
 
 
+# The module tree GPT-2 and GPT-J share: `transformer.{wte, h, ln_f}` and `lm_head`, `ln_1` + `attn` per block.
+TRANSFORMER_TREE = dict(embed="transformer.wte", blocks="transformer.h", final_norm="transformer.ln_f",
+                        unembed="lm_head", ln1="ln_1", attn="attn")
+
+
 ADAPTER = Adapter(
     family="gpt2",
     model_types=("gpt2",),
-    embed="transformer.wte",
-    blocks="transformer.h",
-    final_norm="transformer.ln_f",
-    unembed="lm_head",
-    ln1="ln_1",
-    attn="attn",
+    **TRANSFORMER_TREE,
     ln2="ln_2",
     mlp="mlp",
     o_proj="attn.c_proj",

@@ -2,18 +2,13 @@
 each head with interleaved pairs (capture records q, k after it), separate q/k/v/out projections
 without bias, GELU MLP `fc_in` -> `fc_out`, unembedding with a bias."""
 from .base import Adapter
-from .gpt2 import d_mlp_n_inner
+from .gpt2 import TRANSFORMER_TREE, d_mlp_n_inner
 
 
 ADAPTER = Adapter(
     family="gptj",
     model_types=("gptj",),
-    embed="transformer.wte",
-    blocks="transformer.h",
-    final_norm="transformer.ln_f",
-    unembed="lm_head",
-    ln1="ln_1",
-    attn="attn",
+    **TRANSFORMER_TREE,
     ln2="ln_1",
     mlp="mlp",
     o_proj="attn.out_proj",
