@@ -10,7 +10,6 @@ export function mount(ctx, box, kind) {
   const MEASURES = [["dla", "direct logit attribution"], ["ablation", "zero-ablation effect"], ["ra", "‖RA‖ (Reversed Attention)"], ["norm", "‖A‖"]];
   const measureSel = kind === "forward" ? h("select", { class: "lv-head-measure", "aria-label": "head importance measure",
     onchange: (e) => { measure = e.target.value; loadImportance(); } }, ...MEASURES.map(([v, label]) => h("option", { value: v, text: label }))) : null;
-  const impLegend = h("div", { class: "lv-head-legend" });
   async function loadImportance() {
     const my = ++impToken;
     imp = null; drawNorms();
@@ -44,7 +43,7 @@ export function mount(ctx, box, kind) {
     onchange: (e) => { sumAxis = e.target.value; drawBig(); } },
     h("option", { value: "rows", text: "set: sum of query rows" }), h("option", { value: "cols", text: "set: sum of key columns" }));
   box.append(h("div", { class: "lv-title" }, h("b", { text: kind === "reversed" ? "Reversed Attention ‖RA‖" : "Head importance " }),
-    measureSel, " per head (click to select) ", side, " ", scaleSel, " ", axisSel), norms, impLegend, thumbs, note, bigs);
+    measureSel, " per head (click to select) ", side, " ", scaleSel, " ", axisSel), norms, thumbs, note, bigs);
 
   function drawNorms() {
     const meta = m.get("norms_meta"); if (!meta || !meta.shape) return;
@@ -71,8 +70,8 @@ export function mount(ctx, box, kind) {
     }
     norms.replaceChildren(h("table", { class: "lv-norm-grid", role: "grid",
       "aria-label": `${kind === "reversed" ? "Reversed Attention norm" : what} per layer (rows) and head (columns)`,
-      "data-measure": kind === "forward" ? imp.meta.measure : "ra" }, ...rows));
-    impLegend.replaceChildren(...(signed ? [ctx.scales.legend(h, diverging, { scale_mode: "linear", scale: max })] : []));
+      "data-measure": kind === "forward" ? imp.meta.measure : "ra" }, ...rows),
+      signed ? h("div", { class: "lv-head-legend" }, ctx.scales.legend(h, diverging, { scale_mode: "linear", scale: max }, 160)) : null);
     if (refocus) { const f = norms.querySelector('td[tabindex="0"]'); if (f) f.focus(); }
     const ranked = [];
     for (let l = 0; l < L; l++) for (let k = 0; k < H; k++) ranked.push([all[off + l * H + k], l, k]);
