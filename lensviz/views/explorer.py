@@ -131,6 +131,8 @@ class Explorer(StepThrough, pairs.Pairs, anywidget.AnyWidget):
                 raise LensvizError("give either trace= (show an existing trace) or generate= (generate from the prompt)")
         if corrupt is not None and (trace is not None or generate is not None):
             raise LensvizError("corrupt= (a prompt pair) cannot be combined with trace= or generate=")
+        if corrupt is None and kwargs.get("tab") == "patching":
+            raise LensvizError("tab 'patching' needs a prompt pair: lv.Explorer(lens, clean, corrupt=..., target=...)")
         super().__init__(**kwargs)
         self._setup(lens)
         pair_base = self._setup_pair(prompt, corrupt, target, distractor)
@@ -249,7 +251,8 @@ class Explorer(StepThrough, pairs.Pairs, anywidget.AnyWidget):
         if change["new"] not in TABS:
             self.error = f"unknown tab {change['new']!r}"
             return
-        if self.trace is not None and change["new"] in GRADIENT_TABS and not self.trace.has_backward:
+        trace = getattr(self, "trace", None)        # None while the constructor sets tab=
+        if trace is not None and change["new"] in GRADIENT_TABS and not trace.has_backward:
             self._guarded(lambda: self.run())
 
     # messages from the browser ---------------------------------------------------------------------

@@ -142,7 +142,6 @@ def test_prompt_pair_in_jupyterlab(tmp_path, lab, page, artifacts):
     expect(ex.locator(".lv-code")).to_contain_text("clean = lens.trace(")
     expect(ex.locator(".lv-code")).to_contain_text("lv.ActivationPatch(source=clean, layer=0, site='post', positions=[9])")
     ex.screenshot(path=str(artifacts / "pairs-widget.png"))
-    ex.screenshot(path=str(REPO / "docs" / "images" / "patching.png"))
 
     # removing the patches from the list restores the corrupt run
     for _ in range(3):
@@ -151,4 +150,40 @@ def test_prompt_pair_in_jupyterlab(tmp_path, lab, page, artifacts):
     expect(ex.locator(".lv-patch-chip")).to_have_count(0)
     expect(ex.locator(".lv-metric-patched")).to_have_count(0)
     expect(sweep.locator(".lv-sweep-cell.lv-patched")).to_have_count(0)
+    assert page.offsite == []
+
+
+IOI_CLEAN = "When Mary and John went to the store, John gave a drink to"
+IOI_CORRUPT = "When Mary and John went to the store, Mary gave a drink to"
+
+
+@pytest.mark.slow
+def test_ioi_pair_on_smollm2_for_the_docs(tmp_path, lab, page, artifacts):
+    """The figure in docs/images/patching.png: the exact resid-post sweep of an IOI pair on SmolLM2,
+    normalized, with the strongest cell patched."""
+    cells = [f"import sys\nsys.path.insert(0, {str(REPO)!r})\nimport lensviz as lv\nlens = lv.load(progress=False)",
+             f"ex = lv.Explorer(lens, {IOI_CLEAN!r}, corrupt={IOI_CORRUPT!r}, target=' Mary', distractor=' John', "
+             "tab='patching')\nex"]
+    write_notebook(tmp_path / "ioi.ipynb", cells)
+    server = lab(tmp_path)
+    open_notebook(page, server, "ioi.ipynb")
+    run_all(page, timeout=300_000)
+    ex = page.locator(".lv-explorer").first
+    sweep = ex.locator(".lv-sweep-grid")
+    expect(sweep.locator(".lv-sweep-cell")).to_have_count(30 * 14, timeout=120_000)
+    ex.locator(".lv-sweep-exact").click()
+    expect(sweep).to_have_attribute("data-method", "exact", timeout=300_000)
+    ex.locator(".lv-sweep-normalized").check()
+    vals = sweep.locator("td[data-value]").evaluate_all(
+        "els => els.map(e => [Number(e.dataset.layer), Number(e.dataset.col), Number(e.dataset.value)])")
+    layer, col, best = max(vals, key=lambda r: r[2])
+    assert best > 0.5          # some single cell restores most of the clean logit difference
+    sweep.locator(f'.lv-sweep-cell[data-layer="{layer}"][data-col="{col}"]').click()
+    expect(ex.locator('.lv-patch-chip[data-type="activation"]')).to_contain_text(f"post L{layer} @{col}", timeout=120_000)
+    expect(ex.locator(".lv-metric-patched")).to_be_visible(timeout=120_000)
+    page.set_viewport_size({"width": 1280, "height": 1900})
+    sweep.locator(f'.lv-sweep-cell[data-layer="{layer}"][data-col="{col}"]').hover()
+    expect(ex.locator(".lv-sweep-readout")).to_contain_text(f"layer {layer} position {col}")
+    ex.locator(".lv-view-patching").screenshot(path=str(artifacts / "ioi-patching.png"))
+    ex.screenshot(path=str(REPO / "docs" / "images" / "patching.png"))
     assert page.offsite == []

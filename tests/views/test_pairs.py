@@ -58,6 +58,9 @@ def test_unequal_lengths_are_refused_at_construction_with_how_to_align(lens):
         Explorer(lens, CLEAN, corrupt=3, target=TARGET)
     with pytest.raises(lv.LensvizError, match="cannot be combined"):
         Explorer(lens, CLEAN, corrupt=CORRUPT, generate=3)
+    with pytest.raises(lv.LensvizError, match="needs a prompt pair"):
+        Explorer(lens, CLEAN, target=TARGET, tab="patching")
+    assert Explorer(lens, CLEAN, corrupt=CORRUPT, target=TARGET, tab="patching").tab == "patching"
 
 
 def test_multi_token_target_marks_the_appended_positions(lens):
