@@ -17,9 +17,18 @@ export function mount(ctx, box, kind) {
       const { meta, buffers } = await ctx.request("importance", { measure });
       if (!alive() || my !== impToken) return;
       imp = { meta, vals: f32(buffers[0]) };
-    } catch (e) { if (alive() && my === impToken) note.textContent = String(e.message || e); return; }
+    } catch (e) { if (alive() && my === impToken) { normsOnly(); note.append(h("span", { text: " (" + String(e.message || e) + ")" })); } return; }
     drawNorms();
   }
+  // Without a kernel (a saved page) the grid falls back to ||A|| per head, which the synced state holds.
+  function normsOnly() {
+    const meta = m.get("norms_meta"); if (!meta || !meta.shape) return;
+    const [, L, H] = meta.shape;
+    impToken++; measure = "norm"; if (measureSel) measureSel.value = "norm";
+    imp = { meta: { measure: "norm", signed: false, of: "shown" }, vals: f32(m.get("norms")).slice(0, L * H) };
+    drawNorms();
+  }
+  ctx.on("lv:restore", () => { if (kind === "forward" && !imp) normsOnly(); });
   const { paintMap } = ctx.vgrid;
   const paint = (canvas, n, value, colour, px) => paintMap(canvas, n, value, colour, px, ctx.util.maskedColour());
   const alive = ctx.alive;
