@@ -135,6 +135,8 @@ class Explorer(StepThrough, pairs.Pairs, anywidget.AnyWidget):
             raise LensvizError("tab 'patching' needs a prompt pair: lv.Explorer(lens, clean, corrupt=..., target=...)")
         super().__init__(**kwargs)
         self._setup(lens)
+        if trace is not None and distractor is None:
+            distractor = trace.distractor_id           # re-runs from the widget keep the trace's metric
         pair_base = self._setup_pair(prompt, corrupt, target, distractor)
         if pair_base is not None:
             self.target = target if isinstance(target, str) else "".join(map(lens.decode, pair_base.target_ids))
@@ -144,7 +146,8 @@ class Explorer(StepThrough, pairs.Pairs, anywidget.AnyWidget):
             if generate is not None:
                 self.generate(generate, sample=sample, seed=seed)
         else:  # show an existing trace as it is (a patched one next to its unpatched base)
-            base = trace if not trace.patches else lens.trace(trace.prompt, trace.target_id)
+            base = trace if not trace.patches else lens.trace(trace.prompt, trace.target_ids,
+                                                              distractor=trace.distractor_id)
             self._show(base, trace, trace.patches, [], None, True, trace.target)
 
     def __repr__(self) -> str:

@@ -20,6 +20,7 @@ from ..errors import LensvizError
 from ..lenses.importance import MEASURES
 from ..patches import ActivationPatch, HeadPatch
 from ..sweeps import METHODS, SWEEP_SITES
+from ..trace import Trace
 from . import payload
 
 PAIR_PATCHES = ("activation", "head")
@@ -65,8 +66,6 @@ def patch_from_spec(spec, lens, pair) -> object:
 
 def code_arg(value) -> str:
     """How a patch field reads in "copy as code": a source trace is the pair's clean trace."""
-    from ..trace import Trace
-
     return "clean" if isinstance(value, Trace) else repr(value)
 
 

@@ -187,3 +187,28 @@ def test_ioi_pair_on_smollm2_for_the_docs(tmp_path, lab, page, artifacts):
     ex.locator(".lv-view-patching").screenshot(path=str(artifacts / "ioi-patching.png"))
     ex.screenshot(path=str(REPO / "docs" / "images" / "patching.png"))
     assert page.offsite == []
+
+
+def test_exported_pair_shows_the_heatmap_offline(tmp_path, browser, artifacts):
+    lens = lv.Lens(models.build("llama"), models.tokenizer())
+    ex = lv.Explorer(lens, CLEAN, corrupt=CORRUPT, target=" Paris", distractor=" the")
+    path = lv.export_html(ex, tmp_path / "pair.html")
+    ctx = browser.new_context(viewport={"width": 1280, "height": 1000})
+    errors = []
+    ctx.route("**/*", lambda route: route.continue_() if route.request.url.startswith(("file:", "blob:", "data:"))
+              else route.abort())
+    page = ctx.new_page()
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(path.as_uri())
+    expect(page.locator("body[data-ready='1']")).to_have_count(1)
+    expect(page.locator(".lv-clean-strip .lv-pair-token")).to_have_count(20)
+    expect(page.locator(".lv-norm-grid")).to_have_attribute("data-measure", "dla")
+    page.locator(".lv-head-measure").select_option("ablation")
+    expect(page.locator(".lv-norm-grid")).to_have_attribute("data-measure", "ablation")
+    page.locator('.lv-tab[data-tab="patching"]').click()
+    expect(page.locator(".lv-sweep-grid .lv-sweep-cell")).to_have_count(3 * 20)
+    page.locator(".lv-sweep-site").select_option("head")
+    expect(page.locator(".lv-sweep-grid .lv-sweep-cell")).to_have_count(3 * 4)
+    page.screenshot(path=str(artifacts / "pairs-export.png"), full_page=True)
+    assert errors == []
+    ctx.close()

@@ -223,3 +223,27 @@ def test_snapshot_and_export_work_with_a_pair(ex, tmp_path):
         meta, (buf,) = ex.answer(req)
         assert got["meta"]["shape"] == meta["shape"]
         assert base64.b64decode(got["buffers"][0]["$b64"]) == bytes(buf)
+
+
+def test_a_new_corrupt_prompt_from_the_widget_is_checked_against_the_clean_one(ex, lens):
+    before = (ex.tokens, ex.pair)
+    ex._on_msg(ex, {"type": "run", "seq": 1, "prompt": PROMPT.replace("Italy", "Spain"), "target": TARGET,
+                    "patches": []}, [])
+    assert "same length" in ex.error and (ex.tokens, ex.pair) == before
+    other = PROMPT.replace(" France", " city")                              # another one-token word
+    ex._on_msg(ex, {"type": "run", "seq": 2, "prompt": other, "target": TARGET,
+                    "patches": [{"type": "activation", "layer": 2, "site": "pre", "position": 9}]}, [])
+    assert ex.error == "" and ex.prompt == other and ex.pair["clean_prompt"] == CLEAN
+    clean = lens.trace(CLEAN, target=TARGET, distractor=DISTRACTOR)
+    ref = lens.trace(other, target=TARGET, distractor=DISTRACTOR,
+                     patches=(lv.ActivationPatch(clean, 2, "pre", positions=[9]),))
+    assert torch.allclose(ex.trace.logits, ref.logits, atol=1e-9)
+    assert ex.pair["metric_corrupt"] == pytest.approx(lens.trace(other, target=TARGET, distractor=DISTRACTOR).metric)
+
+
+def test_from_trace_keeps_the_distractor(lens):
+    tr = lens.trace(CLEAN, target=TARGET, distractor=DISTRACTOR, patches=(lv.HeadAblation(0, [1]),))
+    ex = Explorer.from_trace(tr)
+    assert ex.base.distractor_id == tr.distractor_id and ex.pair["metric_base"] == pytest.approx(
+        lens.trace(CLEAN, target=TARGET, distractor=DISTRACTOR).metric)
+    assert ex.pair["metric"] == pytest.approx(tr.metric)
