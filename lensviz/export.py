@@ -36,7 +36,7 @@ class StaticModel {
         if (r) this.emit("msg:custom", { type: "reply", id: msg.id, what: msg.what, meta: r.meta }, r.buffers);
         else this.emit("msg:custom", { type: "reply", id: msg.id, what: msg.what,
           error: "not included in this static export (re-open the notebook with a kernel to compute it)" });
-      } else if (msg.type === "run") {
+      } else if (msg.seq !== undefined) {      // run, generate, step, an exact sweep...: each needs a kernel
         this.set("error", "This is a static export: re-running the model needs a Python kernel.");
         this.set("done_seq", msg.seq);
       }

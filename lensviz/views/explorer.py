@@ -278,7 +278,7 @@ class Explorer(StepThrough, pairs.Pairs, anywidget.AnyWidget):
                                                 content.get("patches", [])))
         elif kind in ("generate", "step", "stop"):
             self._on_step_msg(kind, content)
-        elif kind in ("sweep", "clean"):
+        elif kind in ("sweep", "clean", "importance"):
             self._on_pair_msg(kind, content)
         elif kind == "get":
             rid = content.get("id")

@@ -81,7 +81,7 @@ class Pairs(traitlets.HasTraits):
 
     def _setup_pair(self, clean, corrupt, target, distractor):
         self._distractor = distractor
-        self._importance = {}
+        self._importance = []      # (run, measure, (meta, buffers)) for the runs shown
         if corrupt is None:
             return None
         self._pair, base = make_pair(self.lens, clean, corrupt, target, distractor)
@@ -141,32 +141,57 @@ class Pairs(traitlets.HasTraits):
             return {"site": site, "method": method, "missing": True}, []
         return payload.sweep_effect(self.sweep(site, method))
 
-    def answer_importance(self, req: dict):
-        measure = req.get("measure", "dla")
-        check_choice(measure, HEAD_MEASURES, "measure")
+    def _measured(self, measure):
+        """The run a head measure is taken of: the shown one, or the unpatched one where the measure needs it."""
         tr = self.trace
         if tr.patches and (measure == "ablation" or (measure == "ra" and not tr.has_backward)):
             tr = self.base      # ablation needs an unpatched run (its blocks are reused)
-        key = (id(tr), measure)
-        if key not in self._importance:
-            self._importance = {k: v for k, v in self._importance.items() if k[0] in (id(self.trace), id(self.base))}
-            self._importance[key] = payload.head_importance(tr, measure)
-        meta, bufs = self._importance[key]
-        return {**meta, "of": "unpatched" if tr is not self.trace else "shown"}, bufs
+        return tr
 
-    def _exact_sweep(self, site) -> None:
+    def head_measure(self, measure: str = "dla", *, progress=None):
+        """(meta, buffers) of a head measure (HEAD_MEASURES) of the run shown, computed once per run."""
+        check_choice(measure, HEAD_MEASURES, "measure")
+        tr = self._measured(measure)
+        self._importance = [e for e in self._importance if e[0] is self.trace or e[0] is self.base]
+        for run, m, result in self._importance:
+            if run is tr and m == measure:
+                return result
+        meta, bufs = payload.head_importance(tr, measure, progress=progress)
+        result = ({**meta, "of": "unpatched" if tr is not self.trace else "shown"}, bufs)
+        self._importance.append((tr, measure, result))
+        return result
+
+    def answer_importance(self, req: dict):
+        """A head measure; the exact ablation (one batched run per layer) is a job: until it ran, "missing"."""
+        measure = req.get("measure", "dla")
+        check_choice(measure, HEAD_MEASURES, "measure")
+        tr = self._measured(measure)
+        if measure == "ablation" and not any(run is tr and m == measure for run, m, _ in self._importance):
+            return {"measure": measure, "missing": True}, []
+        return self.head_measure(measure)
+
+    def _stoppable(self, kind, what, **extra):
         started, last = time.perf_counter(), [0.0]
 
         def progress(done, total):
             if self._worker.stop_requested:
-                raise Cancelled(f"exact sweep stopped by the user after {done} of {total} cells")
+                raise Cancelled(f"{what} stopped by the user after {done} of {total}")
             now = time.perf_counter()
             if now - last[0] >= PROGRESS_EVERY or done == total:
                 last[0] = now
-                self.send({"type": "sweep_progress", "site": site, "done": done, "total": total,
-                           "seconds": round(now - started, 2)})
+                self.send({"type": kind, **extra, "done": done, "total": total, "seconds": round(now - started, 2)})
 
-        self.sweep(site, "exact", progress=progress)
+        return progress
+
+    def _importance_job(self, measure) -> None:
+        check_choice(measure, HEAD_MEASURES, "measure")
+        self.head_measure(measure, progress=self._stoppable("importance_progress", f"{measure} of every head",
+                                                             measure=measure))
+        self.send({"type": "importance_done", "measure": measure})
+
+    def _exact_sweep(self, site) -> None:
+        started = time.perf_counter()
+        self.sweep(site, "exact", progress=self._stoppable("sweep_progress", "exact sweep", site=site))
         self.send({"type": "sweep_done", "site": site, "method": "exact",
                    "seconds": round(time.perf_counter() - started, 2)})
 
@@ -174,5 +199,7 @@ class Pairs(traitlets.HasTraits):
         if kind == "sweep":
             site = content.get("site", "post")
             self._job(content, lambda: (check_choice(site, SWEEP_SITES, "site"), self._exact_sweep(site)))
+        elif kind == "importance":
+            self._job(content, lambda: self._importance_job(content.get("measure")))
         else:  # "clean": a new clean prompt
             self._job(content, lambda: self.set_clean(content.get("clean")))

@@ -236,12 +236,15 @@ def sweep_effect(sweep) -> tuple[dict, list[bytes]]:
             [e.float().contiguous().numpy().tobytes()])
 
 
-def head_importance(trace, measure: str) -> tuple[dict, list[bytes]]:
+def head_importance(trace, measure: str, progress=None) -> tuple[dict, list[bytes]]:
     """One value per head for the head grid: lv.head_importance(trace, measure) ("dla", "ablation", "ra")
     or "norm" (||A||_F); meta (measure, shape, max |value|, signed) and float32 [n_layers, n_heads]."""
     from ..lenses.importance import head_importance as importance
 
-    v = rev.head_norms(trace, "forward").double() if measure == "norm" else importance(trace, measure)
+    if measure == "norm":
+        v = rev.head_norms(trace, "forward").double()
+    else:
+        v = importance(trace, measure, **({"progress": progress} if measure == "ablation" else {}))
     return ({"measure": measure, "shape": list(v.shape), "max": float(v.abs().max()) if v.numel() else 0.0,
              "signed": measure in ("dla", "ablation"), "metric": float(trace.metric)},
             [v.float().contiguous().numpy().tobytes()])

@@ -192,6 +192,7 @@ def test_ioi_pair_on_smollm2_for_the_docs(tmp_path, lab, page, artifacts):
 def test_exported_pair_shows_the_heatmap_offline(tmp_path, browser, artifacts):
     lens = lv.Lens(models.build("llama"), models.tokenizer())
     ex = lv.Explorer(lens, CLEAN, corrupt=CORRUPT, target=" Paris", distractor=" the")
+    ex.head_measure("ablation")              # computed before the export, so the page carries it
     path = lv.export_html(ex, tmp_path / "pair.html")
     ctx = browser.new_context(viewport={"width": 1280, "height": 1000})
     errors = []

@@ -122,6 +122,13 @@ def test_a_clicked_cell_is_the_patch_and_the_views_follow(ex, lens, site):
 
 @pytest.mark.parametrize("measure", ["dla", "ablation", "ra", "norm"])
 def test_head_grid_measures_equal_head_importance(ex, measure):
+    if measure == "ablation":          # exact runs: a background job first, with progress
+        assert ex.answer({"what": "importance", "measure": measure}) == ({"measure": measure, "missing": True}, [])
+        sent = []
+        ex.send = lambda content, buffers=None: sent.append(content)
+        ex._on_msg(ex, {"type": "importance", "measure": measure, "seq": 3}, [])
+        assert ex.error == "" and ex.done_seq == 3 and sent[-1] == {"type": "importance_done", "measure": measure}
+        assert [m["done"] for m in sent if m["type"] == "importance_progress"][-1] == ex.lens.n_layers
     meta, (buf,) = ex.answer({"what": "importance", "measure": measure})
     tr = ex.trace
     ref = head_norms(tr, "forward") if measure == "norm" else lv.head_importance(tr, measure)
@@ -134,6 +141,7 @@ def test_head_grid_measures_equal_head_importance(ex, measure):
 
 def test_ablation_measure_of_a_patched_run_uses_the_unpatched_one(ex):
     ex.run(patches=[{"type": "head", "layer": 0, "heads": [1]}])
+    ex._on_msg(ex, {"type": "importance", "measure": "ablation", "seq": 1}, [])
     meta, (buf,) = ex.answer({"what": "importance", "measure": "ablation"})
     assert meta["of"] == "unpatched"
     assert np.allclose(f32(buf, meta["shape"]), lv.head_importance(ex.base, "ablation").numpy(), rtol=1e-5, atol=1e-6)
@@ -146,6 +154,9 @@ def test_stop_ends_an_exact_sweep_with_a_message(ex, monkeypatch):
     ex._on_msg(ex, {"type": "sweep", "site": "post", "seq": 7}, [])
     assert "stopped by the user" in ex.error and ex.done_seq == 7
     assert ex.answer({"what": "sweep", "site": "post", "method": "exact"})[0]["missing"]
+    ex._on_msg(ex, {"type": "importance", "measure": "ablation", "seq": 8}, [])
+    assert "stopped by the user" in ex.error and ex.done_seq == 8
+    assert ex.answer({"what": "importance", "measure": "ablation"})[0]["missing"]
 
 
 def test_nonsense_pair_messages_become_widget_errors(ex):
@@ -161,6 +172,8 @@ def test_nonsense_pair_messages_become_widget_errors(ex):
         {"type": "sweep", "seq": 8, "site": None},
         {"type": "clean", "seq": 9, "clean": PROMPT.replace("Italy", "Spain")},   # another length
         {"type": "clean", "seq": 10, "clean": 42},
+        {"type": "importance", "seq": 11, "measure": "vibes"},
+        {"type": "importance", "seq": 12, "measure": ["dla"]},
     ]
     for msg in bad:
         ex.error = ""

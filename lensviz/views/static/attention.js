@@ -16,6 +16,11 @@ export function mount(ctx, box, kind) {
     try {
       const { meta, buffers } = await ctx.request("importance", { measure });
       if (!alive() || my !== impToken) return;
+      if (meta.missing) {        // the exact ablation: a background job (progress below, Stop in the header)
+        norms.replaceChildren(h("div", { class: "lv-note lv-head-progress", role: "status", text: `computing the ${measure} of every head…` }));
+        ctx.job({ type: "importance", measure });
+        return;
+      }
       imp = { meta, vals: f32(buffers[0]) };
     } catch (e) { if (alive() && my === impToken) { normsOnly(); note.append(h("span", { text: " (" + String(e.message || e) + ")" })); } return; }
     drawNorms();
@@ -29,6 +34,15 @@ export function mount(ctx, box, kind) {
     drawNorms();
   }
   ctx.on("lv:restore", () => { if (kind === "forward" && !imp) normsOnly(); });
+  ctx.on("msg:custom", (msg) => {
+    if (kind !== "forward" || !msg) return;
+    if (msg.type === "importance_done" && msg.measure === measure) loadImportance();
+    else if (msg.type === "importance_progress" && msg.measure === measure) {
+      const p = norms.querySelector(".lv-head-progress");
+      if (p) p.textContent = `computing the ${measure} of every head: layer ${msg.done} of ${msg.total} · ${Number(msg.seconds).toFixed(1)} s`;
+    }
+  });
+  ctx.on("change:error", () => { const p = norms.querySelector(".lv-head-progress"); if (p && m.get("error")) p.textContent = m.get("error"); });
   const { paintMap } = ctx.vgrid;
   const paint = (canvas, n, value, colour, px) => paintMap(canvas, n, value, colour, px, ctx.util.maskedColour());
   const alive = ctx.alive;
