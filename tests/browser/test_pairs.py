@@ -165,6 +165,7 @@ def test_ioi_pair_on_smollm2_for_the_docs(tmp_path, lab, page, artifacts):
              f"ex = lv.Explorer(lens, {IOI_CLEAN!r}, corrupt={IOI_CORRUPT!r}, target=' Mary', distractor=' John', "
              "tab='patching')\nex"]
     write_notebook(tmp_path / "ioi.ipynb", cells)
+    page.set_viewport_size({"width": 1280, "height": 1900})     # tall enough for the figure: no layout shift later
     server = lab(tmp_path)
     open_notebook(page, server, "ioi.ipynb")
     run_all(page, timeout=300_000)
@@ -181,11 +182,12 @@ def test_ioi_pair_on_smollm2_for_the_docs(tmp_path, lab, page, artifacts):
     sweep.locator(f'.lv-sweep-cell[data-layer="{layer}"][data-col="{col}"]').click()
     expect(ex.locator('.lv-patch-chip[data-type="activation"]')).to_contain_text(f"post L{layer} @{col}", timeout=120_000)
     expect(ex.locator(".lv-metric-patched")).to_be_visible(timeout=120_000)
-    page.set_viewport_size({"width": 1280, "height": 1900})
+    ex.scroll_into_view_if_needed()
+    page.evaluate("() => document.querySelector('.lv-explorer').scrollIntoView({block: 'start'})")
     sweep.locator(f'.lv-sweep-cell[data-layer="{layer}"][data-col="{col}"]').hover()
     expect(ex.locator(".lv-sweep-readout")).to_contain_text(f"layer {layer} position {col}")
-    ex.locator(".lv-view-patching").screenshot(path=str(artifacts / "ioi-patching.png"))
     ex.screenshot(path=str(REPO / "docs" / "images" / "patching.png"))
+    ex.locator(".lv-view-patching").screenshot(path=str(artifacts / "ioi-patching.png"))
     assert page.offsite == []
 
 
