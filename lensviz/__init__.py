@@ -11,7 +11,7 @@ from .lens import Lens
 from .lenses.attribution import direct_logit_attribution
 from .lenses.importance import head_importance, keep_top_heads, ra_head_ranking
 from .loading import load
-from .patches import (ActivationPatch, AttentionPatch, HeadAblation, NeuronPatch, SegmentMask, ShiftEdit,
+from .patches import (ActivationPatch, AttentionPatch, HeadAblation, HeadPatch, NeuronPatch, SegmentMask, ShiftEdit,
                       TopKAttention, compare)
 from .trace import Trace
 from .vocab import TopK
@@ -39,6 +39,6 @@ def load_ipython_extension(ipython):
 
 
 __all__ = ["Explorer", "plot", "export_html", "direct_logit_attribution", "head_importance", "keep_top_heads",
-           "ra_head_ranking", "ActivationPatch", "AttentionPatch", "HeadAblation", "Lens", "LensvizError", "NeuronPatch", "SegmentMask",
+           "ra_head_ranking", "ActivationPatch", "AttentionPatch", "HeadAblation", "HeadPatch", "Lens", "LensvizError", "NeuronPatch", "SegmentMask",
            "ShiftEdit", "TopK", "TopKAttention", "Trace", "UnsupportedModelError", "compare", "load"]
 from .version import __version__  # noqa: E402  (the installed metadata; pyproject.toml is the source)

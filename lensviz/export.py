@@ -95,6 +95,10 @@ def _requests(ex) -> list[dict]:
         reqs += [{"what": "bl_cell", "layer": layer, "position": sel["position"], "part": part}
                  for layer in range(n_layers) for part in ("ff2", "ff1")]
         reqs.append({"what": "flow", "position": sel["position"], "layers": [sel["layer"]]})
+    reqs += [{"what": "importance", "measure": m} for m in ("dla", "ablation", "ra", "norm")]   # the head grid
+    if ex.pair.get("clean_prompt") is not None:   # a prompt pair's heatmaps: attribution, and exact where computed
+        reqs += [{"what": "sweep", "site": s, "method": m} for s in ("pre", "mid", "post", "head")
+                 for m in ("attribution", "exact")]
     return reqs
 
 

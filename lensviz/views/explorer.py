@@ -17,13 +17,13 @@ from ..checks import SITES, check_index, check_int, check_number
 from ..errors import LensvizError
 from ..lens import Lens
 from ..trace import Trace
-from . import payload, snapshot, stepping
+from . import pairs, payload, snapshot, stepping
 from .stepthrough import TABS, StepThrough, check_keywords
 from .worker import Worker, host_thread
 
 STATIC = pathlib.Path(__file__).parent / "static"
 VIEW_MODULES = ("util", "tokens", "logitlens", "attention", "neurons", "backward", "flow", "masks", "patches",
-                "vgrid", "scales", "livefeel", "steps")
+                "vgrid", "scales", "livefeel", "steps", "pairs", "patching")
 GRADIENT_TABS = ("reversed", "backward", "flow")
 
 
@@ -47,11 +47,14 @@ def _int_list(value, what):
     return list(value)
 
 
-def patch_from_spec(spec, lens, base) -> P.Patch:
-    """A Patch from a widget message ({"type": ..., ...}); nonsense values raise LensvizError."""
+def patch_from_spec(spec, lens, base, pair=None) -> P.Patch:
+    """A Patch from a widget message ({"type": ..., ...}); nonsense values raise LensvizError. pair: the
+    Explorer's prompt pair (views/pairs.py), the source of "activation" and "head" patches."""
     if not isinstance(spec, dict) or "type" not in spec:
         raise LensvizError(f"a patch must be an object with a 'type', got {spec!r}")
     kind = spec["type"]
+    if kind in pairs.PAIR_PATCHES:
+        return pairs.patch_from_spec(spec, lens, pair)
     num = lambda key, default=None: check_number(spec.get(key, default), key)  # noqa: E731
     if kind == "attention":
         layers = spec.get("layers")
@@ -68,24 +71,27 @@ def patch_from_spec(spec, lens, base) -> P.Patch:
         return P.TopKAttention(check_int(spec.get("k"), "k", 1))
     if kind == "segments":
         return P.SegmentMask("auto" if spec.get("auto") else None)
-    raise LensvizError(f"unknown patch type {kind!r}; allowed: attention, ablate, neuron, topk, segments")
+    raise LensvizError(f"unknown patch type {kind!r}; allowed: attention, ablate, neuron, topk, segments, activation, head")
 
 
 def patch_code(patches) -> str:
     """The Python call that reproduces a patch set ("copy as code")."""
     def fmt(p):
         fields = {k: v for k, v in p.__dict__.items() if v is not None}
-        return f"lv.{type(p).__name__}(" + ", ".join(f"{k}={v!r}" for k, v in fields.items()) + ")"
+        return f"lv.{type(p).__name__}(" + ", ".join(f"{k}={pairs.code_arg(v)}" for k, v in fields.items()) + ")"
 
     return "(" + ", ".join(fmt(p) for p in patches) + ("," if len(patches) == 1 else "") + ")"
 
 
-class Explorer(StepThrough, anywidget.AnyWidget):
+class Explorer(StepThrough, pairs.Pairs, anywidget.AnyWidget):
     """Linked views of one prompt: token strip, logit lens, attention / Reversed Attention, neurons,
     Backward Lens, flow graph and a patch panel that re-runs the model.
 
         ex = lv.Explorer(lens, "I like Italy and France. I visited the city of", target=" Florence")
         ex   # display it; ex.trace is the current Trace, ex.base the unpatched one
+
+    A prompt pair, ``lv.Explorer(lens, clean, corrupt=..., target=..., distractor=None)``, shows both prompts,
+    the metric of each and a patching heatmap; the views show the corrupt run and its patches (views/pairs.py).
     """
 
     _esm = STATIC / "explorer.js"
@@ -113,7 +119,8 @@ class Explorer(StepThrough, anywidget.AnyWidget):
     error = traitlets.Unicode("").tag(sync=True)
     code = traitlets.Unicode("").tag(sync=True)
 
-    def __init__(self, lens, prompt, target=None, *, trace=None, generate=None, sample=False, seed=None, **kwargs):
+    def __init__(self, lens, prompt, target=None, *, corrupt=None, distractor=None, trace=None, generate=None,
+                 sample=False, seed=None, **kwargs):
         if not isinstance(lens, Lens):
             raise LensvizError(f"Explorer needs a lensviz Lens (lv.load() or lv.Lens(model, tokenizer)), got {type(lens).__name__}")
         if trace is not None and (not isinstance(trace, Trace) or trace.lens is not lens):
@@ -123,14 +130,25 @@ class Explorer(StepThrough, anywidget.AnyWidget):
             generate = stepping.check_generate(generate)
             if trace is not None:
                 raise LensvizError("give either trace= (show an existing trace) or generate= (generate from the prompt)")
+        if corrupt is not None and (trace is not None or generate is not None):
+            raise LensvizError("corrupt= (a prompt pair) cannot be combined with trace= or generate=")
+        if corrupt is None and kwargs.get("tab") == "patching":
+            raise LensvizError("tab 'patching' needs a prompt pair: lv.Explorer(lens, clean, corrupt=..., target=...)")
         super().__init__(**kwargs)
         self._setup(lens)
-        if trace is None:
+        if trace is not None and distractor is None:
+            distractor = trace.distractor_id           # re-runs from the widget keep the trace's metric
+        pair_base = self._setup_pair(prompt, corrupt, target, distractor)
+        if pair_base is not None:
+            self.target = target if isinstance(target, str) else "".join(map(lens.decode, pair_base.target_ids))
+            self._show(pair_base, pair_base, (), [], None, True, self.target)
+        elif trace is None:
             self.run(prompt, target)
             if generate is not None:
                 self.generate(generate, sample=sample, seed=seed)
         else:  # show an existing trace as it is (a patched one next to its unpatched base)
-            base = trace if not trace.patches else lens.trace(trace.prompt, trace.target_id)
+            base = trace if not trace.patches else lens.trace(trace.prompt, trace.target_ids,
+                                                              distractor=trace.distractor_id)
             self._show(base, trace, trace.patches, [], None, True, trace.target)
 
     def __repr__(self) -> str:
@@ -183,12 +201,12 @@ class Explorer(StepThrough, anywidget.AnyWidget):
         specs = list(self.patches) if patches is None else list(patches)
         t0 = time.perf_counter()
         new_base = (self.base is None or not self._same_prompt(prompt) or
-                    (target is not None and self.lens.token_id(target) != self.base.target_id) or
+                    (target is not None and self.lens.token_ids(target) != list(self.base.target_ids)) or
                     (target is None and bool(self.target)))
-        base = self.lens.trace(prompt, target) if new_base else self.base
-        objs = tuple(patch_from_spec(s, self.lens, base) for s in specs)
+        base = self._pair_base(prompt, target) if new_base else self.base
+        objs = tuple(patch_from_spec(s, self.lens, base, self._pair) for s in specs)
         if objs:
-            tr = self.lens.trace(prompt, base.target_id, patches=objs, base=base,
+            tr = self.lens.trace(prompt, base.target_ids, distractor=base.distractor_id, patches=objs, base=base,
                                  backward=self.tab in GRADIENT_TABS)
         else:
             tr = base
@@ -215,6 +233,7 @@ class Explorer(StepThrough, anywidget.AnyWidget):
             self._send_grid()
             meta, (buf,) = payload.head_norms(tr)
             self.norms_meta, self.norms = meta, buf
+            self.pair = self.pair_state()
             self.error = ""
             self.status = f"{t} tokens" + (f" · ran in {elapsed:.2f} s" if elapsed is not None else "") + self._step_note()
 
@@ -261,6 +280,8 @@ class Explorer(StepThrough, anywidget.AnyWidget):
                                                 content.get("patches", [])))
         elif kind in ("generate", "step", "stop"):
             self._on_step_msg(kind, content)
+        elif kind in ("sweep", "clean", "importance"):
+            self._on_pair_msg(kind, content)
         elif kind == "get":
             rid = content.get("id")
             try:
@@ -319,6 +340,10 @@ class Explorer(StepThrough, anywidget.AnyWidget):
             return payload.value_search(lens, req.get("token")), []
         if what == "masks":
             return payload.masks(tr), []
+        if what == "sweep":
+            return self.answer_sweep(req)
+        if what == "importance":
+            return self.answer_importance(req)
         raise LensvizError(f"unknown request {what!r}")
 
     def to_json(self) -> str:

@@ -222,3 +222,29 @@ def masks(trace) -> dict:
     """The attention mask each query used (segment masks included) as 0/1 rows, with the tokens."""
     allowed = trace.attention_mask(0)
     return {"tokens": list(trace.tokens), "mask": allowed.int().tolist(), "segments": [list(s) for s in trace.segments]}
+
+
+# prompt pairs (views/pairs.py) ----------------------------------------------------------------------------
+def sweep_effect(sweep) -> tuple[dict, list[bytes]]:
+    """A patching sweep's heatmap: meta (site, method, shape, the two runs' metrics, max |effect|) and
+    float32 effect [n_layers, T] (residual sites) or [n_layers, n_heads] (site "head")."""
+    e = sweep.effect.double()
+    finite = e[torch.isfinite(e)]
+    return ({"site": sweep.site, "method": sweep.method, "shape": list(e.shape), "metric_clean": sweep.metric_clean,
+             "metric_corrupt": sweep.metric_corrupt, "denom": sweep.metric_clean - sweep.metric_corrupt,
+             "max": float(finite.abs().max()) if finite.numel() else 0.0},
+            [e.float().contiguous().numpy().tobytes()])
+
+
+def head_importance(trace, measure: str, progress=None) -> tuple[dict, list[bytes]]:
+    """One value per head for the head grid: lv.head_importance(trace, measure) ("dla", "ablation", "ra")
+    or "norm" (||A||_F); meta (measure, shape, max |value|, signed) and float32 [n_layers, n_heads]."""
+    from ..lenses.importance import head_importance as importance
+
+    if measure == "norm":
+        v = rev.head_norms(trace, "forward").double()
+    else:
+        v = importance(trace, measure, **({"progress": progress} if measure == "ablation" else {}))
+    return ({"measure": measure, "shape": list(v.shape), "max": float(v.abs().max()) if v.numel() else 0.0,
+             "signed": measure in ("dla", "ablation"), "metric": float(trace.metric)},
+            [v.float().contiguous().numpy().tobytes()])

@@ -11,10 +11,10 @@ from ..checks import SITES, check_index_list
 from ..errors import LensvizError
 from . import stepping
 
-TABS = ("attention", "reversed", "neurons", "backward", "flow", "masks")
+TABS = ("attention", "reversed", "neurons", "backward", "flow", "masks", "patching")
 
 
-_OWN_KEYWORDS = ("target", "trace", "generate", "sample", "seed")
+_OWN_KEYWORDS = ("target", "corrupt", "distractor", "trace", "generate", "sample", "seed")
 _WIDGET_KEYWORDS = ("tab", "site", "layout")
 
 

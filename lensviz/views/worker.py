@@ -33,6 +33,11 @@ class Worker:
     def busy(self) -> bool:
         return self._thread is not None
 
+    @property
+    def stop_requested(self) -> bool:
+        """True once stop() was called for the run in flight (a job's own progress callback checks it)."""
+        return self._stop.is_set()
+
     def stop(self) -> bool:
         """Ask the run in flight to end at its next block; False when none is running."""
         if not self.busy:

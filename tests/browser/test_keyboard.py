@@ -15,7 +15,7 @@ from tests.browser.test_explorer import CELLS, expected_prob
 
 # The tab order through one Explorer (each a distinct stop), as (class or role) markers.
 ORDER = ["lv-prompt", "lv-target", "lv-run", "INPUT.lv-gen-n", "INPUT.lv-gen-sample", "INPUT.lv-gen-seed",
-         "BUTTON.lv-generate", "lv-token", "radio", "lv-colour", "lv-cell", "tab", "SELECT.lv-sum-axis",
+         "BUTTON.lv-generate", "lv-token", "radio", "lv-colour", "lv-cell", "tab", "SELECT.lv-head-measure", "SELECT.lv-sum-axis",
          "lv-norm-cell", "lv-top-head", "lv-eta", "lv-eta-layers", "lv-eta-heads", "lv-ablate",
          "lv-segments", "lv-topk", "lv-topk-k", "lv-reset", "lv-copy"]
 
@@ -93,7 +93,10 @@ def test_keyboard_only(tmp_path, lab, page, artifacts):
     assert focused(page)["label"].startswith("Reversed")
     page.keyboard.press("ArrowLeft")
     expect(ex.locator('.lv-tab[aria-selected="true"]')).to_have_attribute("data-tab", "attention")
-    # the head-norm grid (after the sum-axis toggle): arrows move the selected head, the big map follows
+    # the head grid (after the importance-measure select and the sum-axis toggle): arrows move the selected
+    # head, the big map follows
+    page.keyboard.press("Tab")
+    assert "lv-head-measure" in focused(page)["cls"]
     page.keyboard.press("Tab")
     assert "lv-sum-axis" in focused(page)["cls"]
     page.keyboard.press("Tab")

@@ -4,6 +4,45 @@ export function mount(ctx, box, kind) {
   const { h, show, clip, f32, u8, i8, green, purple, diverging, markerColour, gridKeys } = ctx.util;
   const m = ctx.model;
   let both = false, token = 0, scaleMode = "symlog", sumAxis = "rows";
+  // The forward tab's head grid shows a head-importance measure (lv.head_importance, asked of the kernel
+  // per trace): the direct logit attribution by default; ||A|| per head is nearly constant (rows of A sum to 1).
+  let measure = "dla", imp = null, impToken = 0;
+  const MEASURES = [["dla", "direct logit attribution"], ["ablation", "zero-ablation effect"], ["ra", "‖RA‖ (Reversed Attention)"], ["norm", "‖A‖"]];
+  const measureSel = kind === "forward" ? h("select", { class: "lv-head-measure", "aria-label": "head importance measure",
+    onchange: (e) => { measure = e.target.value; loadImportance(); } }, ...MEASURES.map(([v, label]) => h("option", { value: v, text: label }))) : null;
+  async function loadImportance() {
+    const my = ++impToken;
+    imp = null; drawNorms();
+    try {
+      const { meta, buffers } = await ctx.request("importance", { measure });
+      if (!alive() || my !== impToken) return;
+      if (meta.missing) {        // the exact ablation: a background job (progress below, Stop in the header)
+        norms.replaceChildren(h("div", { class: "lv-note lv-head-progress", role: "status", text: `computing the ${measure} of every head…` }));
+        ctx.job({ type: "importance", measure });
+        return;
+      }
+      imp = { meta, vals: f32(buffers[0]) };
+    } catch (e) { if (alive() && my === impToken) { normsOnly(); note.append(h("span", { text: " (" + String(e.message || e) + ")" })); } return; }
+    drawNorms();
+  }
+  // Without a kernel (a saved page) the grid falls back to ||A|| per head, which the synced state holds.
+  function normsOnly() {
+    const meta = m.get("norms_meta"); if (!meta || !meta.shape) return;
+    const [, L, H] = meta.shape;
+    impToken++; measure = "norm"; if (measureSel) measureSel.value = "norm";
+    imp = { meta: { measure: "norm", signed: false, of: "shown" }, vals: f32(m.get("norms")).slice(0, L * H) };
+    drawNorms();
+  }
+  ctx.on("lv:restore", () => { if (kind === "forward" && !imp) normsOnly(); });
+  ctx.on("msg:custom", (msg) => {
+    if (kind !== "forward" || !msg) return;
+    if (msg.type === "importance_done" && msg.measure === measure) loadImportance();
+    else if (msg.type === "importance_progress" && msg.measure === measure) {
+      const p = norms.querySelector(".lv-head-progress");
+      if (p) p.textContent = `computing the ${measure} of every head: layer ${msg.done} of ${msg.total} · ${Number(msg.seconds).toFixed(1)} s`;
+    }
+  });
+  ctx.on("change:error", () => { const p = norms.querySelector(".lv-head-progress"); if (p && m.get("error")) p.textContent = m.get("error"); });
   const { paintMap } = ctx.vgrid;
   const paint = (canvas, n, value, colour, px) => paintMap(canvas, n, value, colour, px, ctx.util.maskedColour());
   const alive = ctx.alive;
@@ -26,14 +65,17 @@ export function mount(ctx, box, kind) {
   const axisSel = h("select", { class: "lv-sum-axis", "aria-label": "sum the selected positions over",
     onchange: (e) => { sumAxis = e.target.value; drawBig(); } },
     h("option", { value: "rows", text: "set: sum of query rows" }), h("option", { value: "cols", text: "set: sum of key columns" }));
-  box.append(h("div", { class: "lv-title" }, h("b", { text: kind === "reversed" ? "Reversed Attention ‖RA‖" : "Attention ‖A‖" }),
-    " per head (click to select) ", side, " ", scaleSel, " ", axisSel), norms, thumbs, note, bigs);
+  box.append(h("div", { class: "lv-title" }, h("b", { text: kind === "reversed" ? "Reversed Attention ‖RA‖" : "Head importance " }),
+    measureSel, " per head (click to select) ", side, " ", scaleSel, " ", axisSel), norms, thumbs, note, bigs);
 
   function drawNorms() {
     const meta = m.get("norms_meta"); if (!meta || !meta.shape) return;
-    const [, L, H] = meta.shape, all = f32(m.get("norms")), off = kind === "reversed" ? L * H : 0;
-    const sel = m.get("selection") || {};
-    let max = 0; for (let i = 0; i < L * H; i++) max = Math.max(max, all[off + i]);
+    const [, L, H] = meta.shape, sel = m.get("selection") || {};
+    if (kind === "forward" && !imp) { norms.replaceChildren(h("div", { class: "lv-note", text: "computing head importance…" })); return; }
+    const all = kind === "forward" ? imp.vals : f32(m.get("norms")), off = kind === "reversed" ? L * H : 0;
+    const signed = kind === "forward" && imp.meta.signed;
+    const what = kind === "forward" ? (MEASURES.find(([v]) => v === imp.meta.measure) || [, "value"])[1] : "norm";
+    let max = 0; for (let i = 0; i < L * H; i++) max = Math.max(max, Math.abs(all[off + i]));
     const refocus = norms.contains(document.activeElement);
     const rows = [h("tr", {}, h("th", { text: "", role: "columnheader" }), ...Array.from({ length: H }, (_, k) => h("th", { role: "columnheader", text: "H" + k })))];
     for (let l = L - 1; l >= 0; l--) {
@@ -42,22 +84,25 @@ export function mount(ctx, box, kind) {
         const v = all[off + l * H + k], t = max > 0 ? v / max : 0;
         const on = l === sel.layer && k === sel.head;
         cells.push(h("td", { class: "lv-norm-cell" + (on ? " lv-selected" : ""), role: "gridcell",
-          tabindex: on ? "0" : "-1", "aria-selected": String(on), "aria-label": `layer ${l} head ${k}: norm ${v.toPrecision(3)}`,
-          "data-layer": l, "data-head": k, title: `L${l}H${k}: ${v.toPrecision(3)}`,
-          style: { background: kind === "reversed" ? purple(t) : green(t) },
+          tabindex: on ? "0" : "-1", "aria-selected": String(on), "aria-label": `layer ${l} head ${k}: ${what} ${v.toPrecision(3)}`,
+          "data-layer": l, "data-head": k, "data-value": v.toPrecision(6), title: `L${l}H${k}: ${what} ${v.toPrecision(3)}`,
+          style: { background: kind === "reversed" ? purple(t) : signed ? diverging(t) : green(t) },
           onclick: () => ctx.select({ layer: l, head: k }) }));
       }
       rows.push(h("tr", {}, ...cells));
     }
     norms.replaceChildren(h("table", { class: "lv-norm-grid", role: "grid",
-      "aria-label": `${kind === "reversed" ? "Reversed Attention" : "attention"} norm per layer (rows) and head (columns)` }, ...rows));
+      "aria-label": `${kind === "reversed" ? "Reversed Attention norm" : what} per layer (rows) and head (columns)`,
+      "data-measure": kind === "forward" ? imp.meta.measure : "ra" }, ...rows),
+      signed ? h("div", { class: "lv-head-legend" }, ctx.scales.legend(h, diverging, { scale_mode: "linear", scale: max }, 160)) : null);
     if (refocus) { const f = norms.querySelector('td[tabindex="0"]'); if (f) f.focus(); }
     const ranked = [];
     for (let l = 0; l < L; l++) for (let k = 0; k < H; k++) ranked.push([all[off + l * H + k], l, k]);
-    ranked.sort((a, b) => b[0] - a[0]);
+    ranked.sort((a, b) => Math.abs(b[0]) - Math.abs(a[0]));
     note.replaceChildren(h("span", { text: "top heads: " }), ...ranked.slice(0, 6).map(([v, l, k]) =>
       h("button", { class: "lv-chip lv-top-head", text: `L${l}H${k} ${v.toPrecision(2)}`, onclick: () => ctx.select({ layer: l, head: k }) })));
     if (kind === "reversed" && !meta.has_reversed) note.append(h("span", { text: " (no backward pass yet)" }));
+    if (kind === "forward" && imp.meta.of === "unpatched") note.append(h("span", { text: " (of the unpatched run)" }));
   }
 
   async function drawThumbs() {
@@ -131,6 +176,8 @@ export function mount(ctx, box, kind) {
     } catch (e) { if (alive()) bigs.textContent = String(e.message || e); }
   }
   const redraw = () => { drawNorms(); drawThumbs().then(drawBig); };
-  ctx.on("change:selection", redraw); ctx.on("change:norms", redraw); ctx.on("lv:theme", redraw);
+  ctx.on("change:selection", redraw); ctx.on("lv:theme", redraw);
+  ctx.on("change:norms", () => { if (kind === "forward") loadImportance(); redraw(); });
+  if (kind === "forward") loadImportance();
   redraw();
 }

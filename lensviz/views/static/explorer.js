@@ -166,6 +166,7 @@ async function render({ model, el }) {
   mods.livefeel.install(ctx, el, header);
   mods.steps.mount(ctx, stepBox);
   mods.tokens.mount(ctx, header, strip);
+  mods.pairs.mount(ctx, header, strip);   // prompt pairs and metrics (marks the strip drawn just above)
   mods.logitlens.mount(ctx, left);
   const views = {
     attention: ["Attention", (c, box) => mods.attention.mount(c, box, "forward")],
@@ -175,6 +176,7 @@ async function render({ model, el }) {
     flow: ["Flow graph", (c, box) => mods.flow.mount(c, box)],
     masks: ["Masks", (c, box) => mods.masks.mount(c, box)],
   };
+  if ((model.get("pair") || {}).clean_prompt !== undefined) views.patching = ["Patching", (c, box) => mods.patching.mount(c, box)];
   let current = null;
   const show = (name, focus = false) => {
     if (current) current.dispose();           // the old view's listeners and its destroy()

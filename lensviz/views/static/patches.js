@@ -39,7 +39,10 @@ export function mount(ctx, box) {
   const chips = h("div", { class: "lv-patch-list" });
   const code = h("code", { class: "lv-code" });
   const copy = h("button", { class: "lv-copy", text: "copy as code", onclick: () => {
-    const text = `tr = lens.trace(${JSON.stringify(m.get("prompt"))}, patches=${m.get("code") || "()"})`;
+    const pair = m.get("pair") || {}, tgt = pair.clean_prompt !== undefined ? `, target=${JSON.stringify(m.get("target"))}` +
+      (pair.distractor ? `, distractor=${JSON.stringify(pair.distractor)}` : "") : "";
+    const text = (pair.clean_prompt !== undefined ? `clean = lens.trace(${JSON.stringify(pair.clean_prompt)}${tgt})\n` : "") +
+      `tr = lens.trace(${JSON.stringify(m.get("prompt"))}${tgt}, patches=${m.get("code") || "()"})`;
     if (navigator.clipboard) navigator.clipboard.writeText(text).catch(() => {});
     code.textContent = text;
   } });
@@ -60,7 +63,9 @@ export function mount(ctx, box) {
   const describe = (p) => p.type === "attention" ? `η=${p.eta} on ${p.layers ? "L" + p.layers.join(",") : "all layers"}${p.heads ? " H" + p.heads.join(",") : ""}`
     : p.type === "ablate" ? `ablate L${p.layer}H${p.heads.join(",")}`
     : p.type === "neuron" ? `L${p.layer} #${p.neuron} ${p.mode === "on" ? "on" : "= " + p.value}`
-    : p.type === "topk" ? `top-${p.k} attention` : "segment mask";
+    : p.type === "topk" ? `top-${p.k} attention`
+    : p.type === "activation" ? `clean ${p.site} L${p.layer} @${p.position}`
+    : p.type === "head" ? `clean head L${p.layer}H${p.heads.join(",")}` : "segment mask";
   ctx.on("change:patches", sync);
   ctx.on("lv:restore", () => { eta.blur(); sync(); });
   sync();
