@@ -170,7 +170,7 @@ class Pairs(traitlets.HasTraits):
             return {"measure": measure, "missing": True}, []
         return self.head_measure(measure)
 
-    def _stoppable(self, kind, what, **extra):
+    def _job_progress(self, kind, what, **extra):
         started, last = time.perf_counter(), [0.0]
 
         def progress(done, total):
@@ -185,13 +185,13 @@ class Pairs(traitlets.HasTraits):
 
     def _importance_job(self, measure) -> None:
         check_choice(measure, HEAD_MEASURES, "measure")
-        self.head_measure(measure, progress=self._stoppable("importance_progress", f"{measure} of every head",
+        self.head_measure(measure, progress=self._job_progress("importance_progress", f"{measure} of every head",
                                                              measure=measure))
         self.send({"type": "importance_done", "measure": measure})
 
     def _exact_sweep(self, site) -> None:
         started = time.perf_counter()
-        self.sweep(site, "exact", progress=self._stoppable("sweep_progress", "exact sweep", site=site))
+        self.sweep(site, "exact", progress=self._job_progress("sweep_progress", "exact sweep", site=site))
         self.send({"type": "sweep_done", "site": site, "method": "exact",
                    "seconds": round(time.perf_counter() - started, 2)})
 

@@ -152,10 +152,10 @@ def test_stop_ends_an_exact_sweep_with_a_message(ex, monkeypatch):
     ex.send = lambda content, buffers=None: sent.append(content)
     monkeypatch.setattr(type(ex._worker), "stop_requested", property(lambda self: True))
     ex._on_msg(ex, {"type": "sweep", "site": "post", "seq": 7}, [])
-    assert "stopped by the user" in ex.error and ex.done_seq == 7
+    assert ex.error == "" and "stopped by the user" in ex.status and ex.done_seq == 7   # Stop is no error
     assert ex.answer({"what": "sweep", "site": "post", "method": "exact"})[0]["missing"]
     ex._on_msg(ex, {"type": "importance", "measure": "ablation", "seq": 8}, [])
-    assert "stopped by the user" in ex.error and ex.done_seq == 8
+    assert ex.error == "" and "stopped by the user" in ex.status and ex.done_seq == 8
     assert ex.answer({"what": "importance", "measure": "ablation"})[0]["missing"]
 
 
