@@ -228,3 +228,109 @@ def test_lv_load_converts_once_then_reads_the_cache(tmp_path, monkeypatch):
                                                                         warm.tokenizer.bos_token_id)
     half = lv.load(progress=False, dtype=torch.bfloat16)      # other dtypes load from the float32 entry
     assert half.model.dtype == torch.bfloat16 and list((tmp_path / "on" / "gguf").iterdir()) == [entry]
+
+
+
+# the fast read of an entry (the second lv.load(), without from_pretrained) ----------------------------
+def _same_model(fast, ref):
+    """Everything from_pretrained gives that a user or lensviz can see, bit for bit."""
+    assert type(fast) is type(ref) and fast.dtype == ref.dtype == torch.float32
+    assert not fast.training and not any(m.training for m in fast.modules())
+    assert fast.config.to_dict() == ref.config.to_dict()
+    assert fast.config._attn_implementation == ref.config._attn_implementation
+    assert fast.generation_config.to_dict() == ref.generation_config.to_dict()
+    assert [n for n, _ in fast.named_parameters()] == [n for n, _ in ref.named_parameters()]
+    assert all(p.requires_grad for p in fast.parameters())
+    got, want = dict(fast.named_buffers()), dict(ref.named_buffers())
+    assert list(got) == list(want)
+    assert all(got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]) for k in got)
+    got, want = fast.state_dict(), ref.state_dict()
+    assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in got)
+    tied = lambda m: {(a.data_ptr() == b.data_ptr()) for a, b in [(m.get_input_embeddings().weight,  # noqa: E731
+                                                                    m.get_output_embeddings().weight)]}
+    assert tied(fast) == tied(ref)
+
+
+@pytest.mark.parametrize("family", models.FAMILIES)
+def test_read_gives_what_from_pretrained_gives(family, gguf, root):
+    model, tok = _tiny(family)
+    entry = cache.store(gguf, model, tok)
+    fast, fast_tok = cache.read(entry)
+    ref, _ = _reload(entry)
+    _same_model(fast, ref)
+    assert type(fast_tok) is type(tok)                     # the converted model's tokenizer class, as it was
+    assert fast_tok.backend_tokenizer.to_str() == tok.backend_tokenizer.to_str()
+    assert fast_tok.special_tokens_map == tok.special_tokens_map
+    assert fast_tok.all_special_ids == tok.all_special_ids and fast_tok.chat_template == tok.chat_template
+    ids = tok(PROMPT, return_tensors="pt").input_ids
+    assert torch.equal(fast_tok(PROMPT, return_tensors="pt").input_ids, ids)
+    with torch.no_grad():
+        assert torch.equal(fast(ids).logits, ref(ids).logits)
+        assert torch.equal(fast(ids).logits, model(ids).logits)
+    if family == "gpt2":        # tied: one parameter, so a change to one is a change to the other
+        assert fast.lm_head.weight is fast.transformer.wte.weight
+
+
+def test_read_declines_an_entry_it_cannot_account_for(gguf, root):
+    from safetensors.torch import load_file, save_file
+
+    model, tok = _tiny()
+    entry = cache.store(gguf, model, tok)
+    weights = load_file(entry / cache.WEIGHTS)
+    save_file({**weights, "model.extra.weight": torch.zeros(2)}, str(entry / cache.WEIGHTS))  # unexpected
+    assert cache.read(entry) is None
+    del weights["model.norm.weight"]                       # missing and not tied to anything
+    save_file(weights, str(entry / cache.WEIGHTS))
+    assert cache.read(entry) is None
+    config = json.loads((entry / "config.json").read_text())
+    (entry / "config.json").write_text(json.dumps({**config, "architectures": ["NoSuchModelForCausalLM"]}))
+    assert cache.read(entry) is None
+
+
+@pytest.fixture
+def no_from_pretrained(monkeypatch):
+    import transformers
+
+    calls = []
+    for cls in (transformers.AutoModelForCausalLM, transformers.AutoTokenizer, transformers.AutoConfig):
+        real = cls.from_pretrained
+        monkeypatch.setattr(cls, "from_pretrained", lambda *a, _real=real, **k: calls.append(a) or _real(*a, **k))
+    return calls
+
+
+def test_lv_load_reads_a_cached_entry_without_from_pretrained(gguf, root, monkeypatch, no_from_pretrained):
+    from lensviz import loading
+
+    model, tok = _tiny()
+    entry = cache.store(gguf, model, tok)
+    monkeypatch.setattr(loading, "embedded_model_file", lambda: (gguf.parent, gguf.name))
+    lens = _no_warnings(lv.load, None)
+    assert no_from_pretrained == [] and lens.name == loading.EMBEDDED_DISPLAY_NAME
+    assert lens.model.config._name_or_path == str(entry)
+    with torch.no_grad():
+        ids = tok(PROMPT, return_tensors="pt").input_ids
+        assert torch.equal(lens.model(ids).logits, model(ids).logits)
+    double = lv.load(progress=False, dtype=torch.float64)      # another dtype: from_pretrained of the entry
+    assert double.model.dtype == torch.float64 and no_from_pretrained
+    no_from_pretrained.clear()
+    eager = lv.load(progress=False, attn_implementation="eager")   # keyword arguments: from_pretrained too
+    assert eager.model.config._attn_implementation == "eager" and no_from_pretrained
+
+
+def test_the_gguf_hash_is_remembered_across_processes_until_the_file_changes(gguf, root, monkeypatch):
+    model, tok = _tiny()
+    entry = cache.store(gguf, model, tok)
+    hashed = []
+    real = cache.file_sha256
+    monkeypatch.setattr(cache, "file_sha256", lambda path, remember=False: hashed.append(path) or real(path, remember))
+    monkeypatch.setattr(cache, "_digests", {})             # a new process: nothing remembered in memory
+    assert cache.lookup(gguf) == entry and str(gguf) not in map(str, hashed)   # its stat matched: not hashed
+    book = json.loads((root / cache.HASHES).read_text())
+    assert book[str(gguf)]["sha256"] == real(gguf)
+    gguf.write_bytes(gguf.read_bytes()[:-1] + b"!")        # same size, new bytes, new modification time
+    os.utime(gguf, ns=(os.stat(gguf).st_atime_ns, os.stat(gguf).st_mtime_ns + 10**9))
+    monkeypatch.setattr(cache, "_digests", {})
+    assert cache.lookup(gguf) is None and str(gguf) in map(str, hashed)   # hashed again: a new file, no entry
+    (root / cache.HASHES).write_text("{broken")             # a damaged hash book is only a miss
+    monkeypatch.setattr(cache, "_digests", {})
+    assert cache.entry_path(gguf)[1]["gguf_sha256"] == real(gguf)
