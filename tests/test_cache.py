@@ -208,16 +208,23 @@ def test_lv_load_asks_the_cache_only_for_a_local_gguf_file_and_not_with_cache_fa
 
 
 @pytest.mark.slow
-def test_lv_load_converts_once_then_reads_the_cache(tmp_path, monkeypatch):
+def test_lv_load_converts_once_then_reads_the_cache(tmp_path, monkeypatch, no_from_pretrained):
     monkeypatch.setenv(cache.ENV, str(tmp_path / "on"))
     ref = lv.load(progress=False)                            # converts and stores
     (entry,) = (tmp_path / "on" / "gguf").iterdir()
     assert (entry / cache.WEIGHTS).stat().st_size > 500e6
+    no_from_pretrained.clear()
     warm = _no_warnings(lv.load, None)                       # reads safetensors + tokenizer.json
+    assert no_from_pretrained == []                          # the fast read, no from_pretrained
     for lens in (ref, warm):
         assert lens.name == "SmolLM2-135M-Instruct (embedded)"
         assert repr(lens).startswith("Lens('SmolLM2-135M-Instruct (embedded)', LlamaForCausalLM")
     assert warm.model.config._name_or_path == str(entry)
+    assert type(warm.model) is type(ref.model) and type(warm.tokenizer) is type(ref.tokenizer)
+    assert warm.model.dtype == torch.float32 and not warm.model.training
+    assert warm.model.lm_head.weight is warm.model.model.embed_tokens.weight          # tied, as converted
+    assert warm.model.generation_config.to_dict() == ref.model.generation_config.to_dict()
+    assert warm.tokenizer.special_tokens_map == ref.tokenizer.special_tokens_map
     t_ref, t_warm = ref.trace(PROMPT, target=" Florence"), warm.trace(PROMPT, target=" Florence")
     assert t_ref.tokens == t_warm.tokens
     assert torch.equal(t_ref.logits, t_warm.logits) and t_ref.loss == t_warm.loss
