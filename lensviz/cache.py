@@ -8,6 +8,11 @@ a temporary folder, then renamed); its `entry.json` lists each file's size and, 
 weights, its sha256 (the weights are checked by size and by their safetensors header, which must
 account for every byte). A damaged entry is removed and rebuilt with a `CacheWarning`; a cache
 folder that cannot be written gives one `CacheWarning` and the model is converted as without a cache.
+
+`read(entry)` is the second load: the model built from the entry's config with initialisation off and the
+memory-mapped safetensors assigned to it (no `from_pretrained`), bit-identical to what `from_pretrained`
+gives. The GGUF file's sha256 is remembered by its stat in `<cache>/sha256.json`, so a later process does
+not hash it again.
 """
 from __future__ import annotations
 

@@ -74,7 +74,9 @@ def load(name: str | os.PathLike | None = None, *, dtype=None, progress: bool = 
     to `from_pretrained` (e.g. device_map="auto", revision=...). Shows a progress bar while loading.
     cache: a GGUF model (the embedded one, or a local folder with gguf_file=...) is converted once and
     kept in the user cache (lensviz.cache: $LENSVIZ_CACHE or the platform's cache folder), so later
-    loads take ~2 s instead of ~16 s; cache=False converts it every time and leaves the cache alone.
+    loads take ~2 s instead of ~16 s (float32 without other keyword arguments reads the entry directly;
+    another dtype or keyword arguments read it with from_pretrained); cache=False converts it every time
+    and leaves the cache alone.
     """
     if progress not in (True, False):
         raise LensvizError(f"progress must be True or False, got {progress!r}")
@@ -143,8 +145,11 @@ def _load(name: str | os.PathLike | None = None, *, dtype=None, cache: bool = Tr
         if entry is not None:          # converted before: read safetensors + tokenizer.json instead
             source, extra = str(entry), {}
             kwargs.pop("gguf_file", None)
-            read = model_cache.read(entry) if dtype == torch.float32 and not kwargs else None
-            if read is not None:       # the entry as it is, without from_pretrained: the ~2 s second load
+            try:                       # the entry as it is, without from_pretrained: the ~2 s second load
+                read = model_cache.read(entry) if dtype == torch.float32 and not kwargs else None
+            except (OSError, ValueError, RuntimeError):
+                read = None            # from_pretrained below reads it again, and says what is wrong if it fails
+            if read is not None:
                 return Lens(*read, name=shown)
     converting = bool(extra.get("gguf_file") or kwargs.get("gguf_file"))
     with _gguf_bar_off() if converting and not progress else nullcontext():
