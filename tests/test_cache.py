@@ -341,3 +341,21 @@ def test_the_gguf_hash_is_remembered_across_processes_until_the_file_changes(ggu
     (root / cache.HASHES).write_text("{broken")             # a damaged hash book is only a miss
     monkeypatch.setattr(cache, "_digests", {})
     assert cache.entry_path(gguf)[1]["gguf_sha256"] == real(gguf)
+
+
+def test_a_failing_fast_read_falls_back_to_from_pretrained(gguf, root, monkeypatch, no_from_pretrained):
+    from lensviz import loading
+
+    model, tok = _tiny()
+    entry = cache.store(gguf, model, tok)
+    monkeypatch.setattr(loading, "embedded_model_file", lambda: (gguf.parent, gguf.name))
+
+    def broken(entry):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(cache, "read", broken)
+    lens = lv.load(progress=False)
+    assert no_from_pretrained and lens.model.config._name_or_path == str(entry)
+    with torch.no_grad():
+        ids = tok(PROMPT, return_tensors="pt").input_ids
+        assert torch.equal(lens.model(ids).logits, model(ids).logits)
