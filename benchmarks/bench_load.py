@@ -54,21 +54,22 @@ c1 = time.process_time()
 lens = lv.load(progress=False, cache={cache})
 t2, c2 = time.perf_counter(), time.process_time()
 assert lens.name == "SmolLM2-135M-Instruct (embedded)"
+where = lv.__file__
 lens.trace("The capital of France is", backward=False)
 t3 = time.perf_counter()
 import json
-print(json.dumps({{"import_s": t1 - t0, "load_s": t2 - t1, "total_s": t2 - t0, "cpu_s": c2 - c1, "trace_s": t3 - t2}}))
+print(json.dumps({{"import_s": t1 - t0, "load_s": t2 - t1, "total_s": t2 - t0, "cpu_s": c2 - c1, "trace_s": t3 - t2, "file": where}}))
 """
 MODES = ("convert", "cold+store", "warm", "warm-fp")
 FIGURES = ("import_s", "load_s", "total_s", "cpu_s", "trace_s", "process_s")
 
 
-def sample(cache_dir: Path, cache: bool, slow_read: bool = False) -> dict:
+def sample(cache_dir: Path, cache: bool, slow_read: bool = False, tree: Path = REPO) -> dict:
     env = {**os.environ, "LENSVIZ_CACHE": str(cache_dir), "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+           "PYTHONPATH": os.pathsep.join(p for p in (str(tree), os.environ.get("PYTHONPATH", "")) if p)}
     t0 = time.perf_counter()
     got = subprocess.run([sys.executable, "-c", CHILD.format(cache=cache, slow_read=slow_read)], env=env,
-                         capture_output=True, text=True, timeout=900)
+                         cwd=tree, capture_output=True, text=True, timeout=900)   # cwd: `-c` puts it first on sys.path
     wall = time.perf_counter() - t0
     if got.returncode != 0:
         raise SystemExit(f"the load failed:\n{got.stderr[-3000:]}")
@@ -81,10 +82,14 @@ def main() -> int:
     ap.add_argument("--cold-reps", type=int, default=None,
                     help="processes for the two converting modes (default: --reps; they take ~15-30 s each)")
     ap.add_argument("--out", default=str(HERE / "results"), help="folder for load.md")
+    ap.add_argument("--base", default=None, metavar="TREE",
+                    help="also time cold+store and warm of another source tree (e.g. `git archive` of an older "
+                         "commit), interleaved with these modes, as modes cold+store@base and warm@base")
     args = ap.parse_args()
+    modes = MODES + (("cold+store@base", "warm@base") if args.base else ())
     load_before = os.getloadavg()
     cold_reps = max(1, min(args.reps, args.reps if args.cold_reps is None else args.cold_reps))
-    runs = {m: [] for m in MODES}
+    runs = {m: [] for m in modes}
     with tempfile.TemporaryDirectory(prefix="lv-bench-load-") as tmp:
         filled = None
         for rep in range(args.reps):
@@ -94,10 +99,16 @@ def main() -> int:
                     shutil.rmtree(filled, ignore_errors=True)
                 filled = Path(tmp) / f"cache-{rep}"
                 runs["cold+store"].append(sample(filled, cache=True))
+                if args.base:
+                    base_cache = Path(tmp) / f"base-{rep}"
+                    shutil.rmtree(Path(tmp) / f"base-{rep - 1}", ignore_errors=True)
+                    runs["cold+store@base"].append(sample(base_cache, cache=True, tree=Path(args.base)))
             runs["warm"].append(sample(filled, cache=True))
             runs["warm-fp"].append(sample(filled, cache=True, slow_read=True))
+            if args.base:
+                runs["warm@base"].append(sample(base_cache, cache=True, tree=Path(args.base)))
             print(f"rep {rep + 1}/{args.reps}, load average {os.getloadavg()[0]:.1f}: " + ", ".join(
-                f"{m} {runs[m][-1]['import_s']:.2f} + {runs[m][-1]['load_s']:.2f} s" for m in MODES
+                f"{m} {runs[m][-1]['import_s']:.2f} + {runs[m][-1]['load_s']:.2f} s" for m in modes
                 if len(runs[m]) == rep + 1), flush=True)
         entry = next(p for p in (filled / "gguf").iterdir() if p.is_dir())
         entry_mb = sum(f.stat().st_size for f in entry.iterdir()) / 1e6
@@ -122,12 +133,15 @@ def main() -> int:
         "| mode | n | " + " | ".join(f.removesuffix("_s") for f in FIGURES) + " |",
         "|---|---|" + "---|" * len(FIGURES),
     ]
-    for m in MODES:
+    for m in modes:
         lines.append(f"| {m} | {len(runs[m])} | " + " | ".join(stats([r[f] for r in runs[m]]) for f in FIGURES) + " |")
-    med = {m: {f: statistics.median(r[f] for r in runs[m]) for f in FIGURES} for m in MODES}
+    med = {m: {f: statistics.median(r[f] for r in runs[m]) for f in FIGURES} for m in modes}
     lines += ["", f"cold+store / convert (load) = {med['cold+store']['load_s'] / med['convert']['load_s']:.2f}; "
               f"warm / convert = {med['warm']['load_s'] / med['convert']['load_s']:.3f}; "
-              f"warm / warm-fp = {med['warm']['load_s'] / med['warm-fp']['load_s']:.2f}; cache entry {entry_mb:.0f} MB.",
+              f"warm / warm-fp = {med['warm']['load_s'] / med['warm-fp']['load_s']:.2f}; cache entry {entry_mb:.0f} MB."
+              + (f" Against {args.base}: cold+store {med['cold+store']['load_s'] / med['cold+store@base']['load_s']:.2f}x, "
+                 f"warm {med['warm']['load_s'] / med['warm@base']['load_s']:.2f}x (load), "
+                 f"{med['warm']['total_s'] / med['warm@base']['total_s']:.2f}x (total)." if args.base else ""),
               f"Machine: {platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
               f"torch {torch.__version__}, transformers {transformers.__version__}, lensviz {lv.__version__}; "
               f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; load average "
