@@ -10,6 +10,7 @@ import os
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
+from . import gc_pause
 from .errors import LensvizError
 from .lens import Lens, display_name
 
@@ -82,24 +83,8 @@ def load(name: str | os.PathLike | None = None, *, dtype=None, progress: bool = 
         raise LensvizError(f"progress must be True or False, got {progress!r}")
     if cache not in (True, False):
         raise LensvizError(f"cache must be True or False, got {cache!r}")
-    with _gc_paused(), _progress(progress):
+    with gc_pause.paused(), _progress(progress):
         return _load(name, dtype=dtype, cache=cache, progress=progress, **kwargs)
-
-
-@contextmanager
-def _gc_paused():
-    """The cyclic garbage collector off inside (on again after, if it was on): a load imports transformers and
-    builds a model, hundreds of thousands of objects that would otherwise be traversed by collection after
-    collection (about a fifth of a warm load's CPU time). Garbage made meanwhile is collected afterwards as usual."""
-    import gc
-
-    was_on = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_on:
-            gc.enable()
 
 
 def _load(name: str | os.PathLike | None = None, *, dtype=None, cache: bool = True, progress: bool = True,
