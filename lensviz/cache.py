@@ -191,7 +191,8 @@ def read(entry: Path):
     from safetensors.torch import load_file
 
     try:
-        classes = json.loads((entry / MANIFEST).read_text(encoding="utf-8"))["classes"]
+        manifest = json.loads((entry / MANIFEST).read_text(encoding="utf-8"))
+        classes, added = manifest["classes"], manifest.get("added_tokens")
         config_dict = json.loads((entry / "config.json").read_text(encoding="utf-8"))
         model_class = getattr(transformers, classes["model"])
         tokenizer_class = getattr(transformers, classes["tokenizer"])
@@ -218,7 +219,21 @@ def read(entry: Path):
     if model.can_generate() and (entry / "generation_config.json").is_file():
         model.generation_config = transformers.GenerationConfig.from_pretrained(entry)
     model.eval()
-    return model, tokenizer_class.from_pretrained(entry)
+    extra = {}
+    if isinstance(added, list):   # what from_pretrained would otherwise parse the whole tokenizer.json for
+        from tokenizers import AddedToken
+
+        extra["added_tokens_decoder"] = {t["id"]: AddedToken(**{k: v for k, v in t.items() if k != "id"})
+                                         for t in added}
+    return model, tokenizer_class.from_pretrained(entry, **extra)
+
+
+def _added_tokens(folder: Path) -> list | None:
+    """The added tokens of the tokenizer.json in `folder` (as it lists them), or None without one."""
+    try:
+        return json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))["added_tokens"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _no_init_weights():
@@ -245,7 +260,8 @@ def store(gguf: str | os.PathLike, model, tokenizer, folder: str | os.PathLike |
         tmp.mkdir()
         files = _write(tmp, model, tokenizer)
         manifest = {**facts, "gguf": Path(gguf).name, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    "classes": {"model": type(model).__name__, "tokenizer": type(tokenizer).__name__}, "files": files}
+                    "classes": {"model": type(model).__name__, "tokenizer": type(tokenizer).__name__},
+                    "added_tokens": _added_tokens(tmp), "files": files}
         _atomic_write(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
         try:
             os.rename(tmp, entry)              # atomic: the entry is whole or absent

@@ -269,6 +269,11 @@ def test_read_gives_what_from_pretrained_gives(family, gguf, root):
     assert fast_tok.backend_tokenizer.to_str() == tok.backend_tokenizer.to_str()
     assert fast_tok.special_tokens_map == tok.special_tokens_map
     assert fast_tok.all_special_ids == tok.all_special_ids and fast_tok.chat_template == tok.chat_template
+    assert str(fast_tok.added_tokens_decoder) == str(tok.added_tokens_decoder)
+    plain = type(fast_tok).from_pretrained(entry)          # the same class, reading tokenizer.json's added tokens
+    seen = lambda t: {k: str(sorted(v.items(), key=str) if isinstance(v, dict) else v)  # noqa: E731
+                      for k, v in vars(t).items() if k != "_tokenizer"}
+    assert seen(fast_tok) == seen(plain) and fast_tok.backend_tokenizer.to_str() == plain.backend_tokenizer.to_str()
     ids = tok(PROMPT, return_tensors="pt").input_ids
     assert torch.equal(fast_tok(PROMPT, return_tensors="pt").input_ids, ids)
     with torch.no_grad():
