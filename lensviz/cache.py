@@ -203,10 +203,13 @@ def read(entry: Path):
             or not isinstance(tokenizer_class, type) or no_init is None
             or config_dict.get("architectures") != [model_class.__name__] or config_dict.get("dtype") != "float32"):
         return None
-    config = model_class.config_class.from_dict(config_dict)
-    config.name_or_path = str(entry)            # as from_pretrained leaves it
-    with no_init():
-        model = model_class._from_config(config, dtype=torch.float32)
+    try:
+        config = model_class.config_class.from_dict(config_dict)
+        config.name_or_path = str(entry)        # as from_pretrained leaves it
+        with no_init():
+            model = model_class._from_config(config, dtype=torch.float32)   # what AutoModel.from_config calls
+    except (AttributeError, TypeError):         # a transformers without these: from_pretrained instead
+        return None
     weights = load_file(entry / WEIGHTS, **({"backend": "pread"} if sys.platform == "win32" else {}))
     missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
     if unexpected:
