@@ -86,15 +86,20 @@ def main() -> int:
     ap.add_argument("--base", default=None, metavar="TREE",
                     help="also time cold+store and warm of another source tree (e.g. `git archive` of an older "
                          "commit), interleaved with these modes, as modes cold+store@base and warm@base")
+    ap.add_argument("--warm-only", default=None, metavar="CACHE",
+                    help="time only the warm modes, reading the entry already in this LENSVIZ_CACHE folder "
+                         "(quick: no conversions; the folder is only read)")
     args = ap.parse_args()
     modes = MODES + (("cold+store@base", "warm@base") if args.base else ())
+    if args.warm_only:
+        modes = tuple(m for m in modes if m.startswith("warm"))
     load_before = os.getloadavg()
     cold_reps = max(1, min(args.reps, args.reps if args.cold_reps is None else args.cold_reps))
     runs = {m: [] for m in modes}
     with tempfile.TemporaryDirectory(prefix="lv-bench-load-") as tmp:
-        filled = None
+        filled = base_cache = Path(args.warm_only) if args.warm_only else None
         for rep in range(args.reps):
-            if rep < cold_reps:
+            if rep < cold_reps and not args.warm_only:
                 runs["convert"].append(sample(Path(tmp) / "unused", cache=False))
                 if filled is not None:
                     shutil.rmtree(filled, ignore_errors=True)
@@ -137,6 +142,9 @@ def main() -> int:
     for m in modes:
         lines.append(f"| {m} | {len(runs[m])} | " + " | ".join(stats([r[f] for r in runs[m]]) for f in FIGURES) + " |")
     med = {m: {f: statistics.median(r[f] for r in runs[m]) for f in FIGURES} for m in modes}
+    med.setdefault("convert", {"load_s": float("nan")})
+    med.setdefault("cold+store", {"load_s": float("nan")})
+    med.setdefault("cold+store@base", {"load_s": float("nan")})
     lines += ["", f"cold+store / convert (load) = {med['cold+store']['load_s'] / med['convert']['load_s']:.2f}; "
               f"warm / convert = {med['warm']['load_s'] / med['convert']['load_s']:.3f}; "
               f"warm / warm-fp = {med['warm']['load_s'] / med['warm-fp']['load_s']:.2f}; cache entry {entry_mb:.0f} MB."
