@@ -364,3 +364,19 @@ def test_a_failing_fast_read_falls_back_to_from_pretrained(gguf, root, monkeypat
     with torch.no_grad():
         ids = tok(PROMPT, return_tensors="pt").input_ids
         assert torch.equal(lens.model(ids).logits, model(ids).logits)
+
+
+def test_changing_a_fast_read_model_leaves_the_entry_as_it_was(gguf, root):
+    model, tok = _tiny()
+    entry = cache.store(gguf, model, tok)
+    before = cache.file_sha256(entry / cache.WEIGHTS)
+    fast, _ = cache.read(entry)
+    with torch.no_grad():
+        for p in fast.parameters():
+            p.add_(1.0)                                  # the weights are a private, copy-on-write mapping
+    del fast
+    assert cache.file_sha256(entry / cache.WEIGHTS) == before
+    again, _ = cache.read(entry)
+    with torch.no_grad():
+        ids = tok(PROMPT, return_tensors="pt").input_ids
+        assert torch.equal(again(ids).logits, model(ids).logits)
