@@ -5,16 +5,13 @@
     tr = lens.trace("I visited the city of", target=" Paris")
     tr.attention(3), tr.reversed_attention(3), tr.resid_grad(5)
 """
-from . import gc_pause
-
-with gc_pause.paused():   # importing torch makes ~300k objects: no collections traversing them meanwhile
-    from .errors import LensvizError, UnsupportedModelError
-    from .lens import Lens
-    from .loading import load
-    from .patches import (ActivationPatch, AttentionPatch, HeadAblation, NeuronPatch, SegmentMask, ShiftEdit,
-                          TopKAttention, compare)
-    from .trace import Trace
-    from .vocab import TopK
+from .errors import LensvizError, UnsupportedModelError
+from .lens import Lens
+from .loading import load
+from .patches import (ActivationPatch, AttentionPatch, HeadAblation, NeuronPatch, SegmentMask, ShiftEdit,
+                      TopKAttention, compare)
+from .trace import Trace
+from .vocab import TopK
 
 _LAZY_MODULES = {"plot": ".plot", "icl": ".studies.icl"}  # lv.plot (matplotlib), lv.icl (ICL vs GD study)
 # names imported on first use (PEP 562), so that `import lensviz` + `lv.load()` import only what loading needs:
