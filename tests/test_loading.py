@@ -165,3 +165,28 @@ def test_folder_with_broken_config(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["X"]}))
     with pytest.raises(lv.LensvizError, match="could not read the config"):
         lv.load(str(tmp_path), progress=False)
+
+
+def test_load_pauses_the_garbage_collector_and_restores_it(tmp_path, monkeypatch):
+    import gc
+
+    from lensviz import loading
+
+    save_tiny("llama", tmp_path)
+    seen = []
+    real = loading._load
+    monkeypatch.setattr(loading, "_load", lambda *a, **k: seen.append(gc.isenabled()) or real(*a, **k))
+    assert gc.isenabled()
+    lv.load(str(tmp_path), progress=False)
+    assert seen == [False] and gc.isenabled()                 # off while loading, on again after
+    gc.disable()
+    try:
+        with pytest.raises(lv.LensvizError):
+            lv.load(str(tmp_path / "missing"), progress=False)
+        assert not gc.isenabled()                             # a caller's choice is kept, also on errors
+    finally:
+        gc.enable()
+    with pytest.raises(lv.LensvizError):
+        lv.load(str(tmp_path / "missing"), progress=False)
+    assert gc.isenabled()
+
