@@ -268,3 +268,21 @@ def test_mid_and_post_attribution_equal_delta_times_autograd(family, lenses):
                 x = grabbed[(site, layer)]
                 expect = ((clean_acts[layer] - x[0].detach()) * x.grad[0]).sum(-1)
                 assert rel(sweep.effect[layer], expect) < 10 * rtol(family), (site, layer)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gemma2"])
+def test_unchanged_positions_cost_no_run_and_progress_counts_every_cell(family, lenses):
+    lens = lenses(family)
+    clean = lens.trace(PROMPT, target=TARGET, backward=False)
+    corrupt = lens.trace(CORRUPT, target=TARGET, backward=False)
+    first = int((clean.input_ids != corrupt.input_ids).nonzero()[0])
+    assert first > 0
+    seen = []
+    sw = lens.patching_sweep(clean, corrupt, site="pre", progress=lambda k, n: seen.append((k, n)))
+    assert torch.equal(sw.effect[:, :first], torch.zeros(lens.n_layers, first, dtype=torch.float64))
+    assert float(sw.effect[0, first]) != 0.0  # the first changed token matters
+    total = lens.n_layers * len(clean)
+    assert seen[-1] == (total, total) and all(a[0] < b[0] for a, b in zip(seen, seen[1:]))
+    heads = []
+    lens.patching_sweep(clean, corrupt, site="head", batch_size=3, progress=lambda k, n: heads.append(k))
+    assert heads == sorted(set(heads)) and heads[-1] == lens.n_layers * lens.n_heads
