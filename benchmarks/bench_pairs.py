@@ -21,7 +21,8 @@ run's top-1 token's log-probability at the last position.
 
 Before timing, every method's effects are compared on sampled cells (max abs difference reported).
 Timing: one process, torch.set_num_threads(--threads), --reps timed repetitions after a warm-up (for (a)
-the agreement pass, which runs every method once), methods round-robin (the starting one rotating). Writes benchmarks/results/pairs.md and pairs.json.
+the agreement pass, which runs every method once), methods round-robin (the starting one rotating).
+Writes benchmarks/results/pairs.md and pairs.json.
 
     .venv/bin/python benchmarks/bench_pairs.py --reps 3 --lengths 16,64
 """
@@ -78,7 +79,7 @@ def sample_cells(n_layers, t, k):
 
 
 class Pair:
-    def __init__(self, lens, t, tl_name, sample):
+    def __init__(self, lens, t, sample):
         self.lens, self.t = lens, t
         self.clean, self.c_ids = prompt_of_length(lens, t)
         self.corrupt, self.x_ids = corrupt_of(lens, self.c_ids)
@@ -239,14 +240,14 @@ def main(argv=None):
     log(json.dumps(meta))
     results = {}
     for t, k in zip(lengths, samples):
-        pair = Pair(lens, t, str(folder), k)
+        pair = Pair(lens, t, k)
         pair.setup_tl(str(folder))
         pair.setup_nnsight()
         n_cells, n_timed = lens.n_layers * t, len(pair.cells)
         # agreement before timing
         ours = pair.lensviz_exact()
         tl, nn = pair.tl_run(), pair.nn_run()
-        cells = [c for c in pair.cells][:: max(1, len(pair.cells) // 24)]
+        cells = pair.cells[:: max(1, len(pair.cells) // 24)]
         pick = torch.tensor([la for la, _ in cells]), torch.tensor([p for _, p in cells])
         attr = pair.lensviz_attribution()
         tr = lens.trace(pair.clean, target=pair.tid, backward=False)
@@ -255,7 +256,8 @@ def main(argv=None):
         agree = {"lensviz_vs_tl_maxabs": float((ours[pick] - tl[pick]).abs().max()),
                  "lensviz_vs_nnsight_maxabs": float((ours[pick] - nn[pick]).abs().max()),
                  "cells_compared": len(cells), "effect_maxabs": float(ours.abs().max()),
-                 "attribution_vs_exact_corr": float(torch.corrcoef(torch.stack([attr.flatten(), ours.flatten()]))[0, 1]),
+                 "attribution_vs_exact_corr": float(torch.corrcoef(torch.stack([attr.flatten(),
+                                                                                ours.flatten()]))[0, 1]),
                  "ablation_vs_hand_maxabs": max(abs(float(abl[la, h]) - v) for la, h, v in hand)}
         log(f"T={t} agreement {agree}")
         la0 = loadavg()
