@@ -5,7 +5,9 @@ for the residual sites "pre" / "mid" / "post" ([n_layers, T]); for site "head" t
 head h's output O_h (the input slice of W_O) at every position ([n_layers, n_heads]).
 
 method="exact" re-runs the model: one batched forward per layer (every position, or every head, of that
-layer at once), reusing the corrupt run's blocks below the patched one (lensviz.batched).
+layer at once), reusing the corrupt run's blocks below the patched one (lensviz.batched). A residual
+cell whose clean vector equals the corrupt one (every position before the first token where the prompts
+differ) is not run: the patched run is the corrupt run, effect 0.
 method="attribution" is the first-order estimate (clean - corrupt activation) . d metric / d activation
 at the corrupt run, read off the corrupt trace's captured backward pass (Syed et al. 2023, "Attribution
 patching outperforms automated circuit discovery"): one forward + backward per prompt for the whole map.
@@ -113,48 +115,74 @@ def _attribution(site: str, clean: Trace, corrupt: Trace) -> torch.Tensor:
     return torch.stack(rows)
 
 
+def _head_layer(lens, clean: Trace, corrupt: Trace, layer: int, batch_size, report) -> torch.Tensor:
+    """metric of the corrupt run with head h's clean output patched in at every position, for each h."""
+    src = clean.head_values(layer).transpose(0, 1)  # [T, H, d]
+
+    def install(stack, rows):
+        heads = torch.tensor(list(rows))
+
+        def put(o):  # o [B, T, H, d]: row b takes the clean output of head rows[b]
+            b = torch.arange(len(heads))
+            o[b, :, heads] = src.to(device=o.device, dtype=o.dtype)[:, heads].transpose(0, 1)
+            return o
+
+        batched.o_proj_input(stack, lens, layer, put)
+
+    return batched.variant_metrics(corrupt, lens.n_heads, layer, install, batch_size=batch_size, progress=report)
+
+
+def _resid_layer(lens, clean: Trace, corrupt: Trace, layer: int, site: str, batch_size, report) -> torch.Tensor:
+    """metric of the corrupt run with resid(layer, site) at position p the clean one, for each p. A
+    position whose clean vector equals the corrupt one (causal masking: every position before the first
+    token where the prompts differ) leaves the corrupt run as it is: no run, its metric is the corrupt one."""
+    site = "post" if site == "mid" else site  # one position's mid fixes its block output (the MLP is per position)
+    src = clean.resid(layer, site)
+    first = layer + 1 if site == "post" else layer
+    same = (src == corrupt.resid(layer, site)).all(-1)
+    changed = [p for p in range(len(corrupt)) if not bool(same[p])]
+    out = torch.full((len(corrupt),), float(corrupt.metric), dtype=torch.float64)
+    if not changed:
+        return out
+
+    def install(stack, rows):
+        pos = torch.tensor([changed[r] for r in rows])
+
+        def put(x):  # x [B, T, D]: row b takes the clean vector at position pos[b]
+            x = x.clone()
+            x[torch.arange(len(pos)), pos] = src.to(device=x.device, dtype=x.dtype)[pos]
+            return x
+
+        batched.pre_hook(stack, batched.residual_input(lens, first), put)
+
+    out[changed] = batched.variant_metrics(corrupt, len(changed), first, install, batch_size=batch_size,
+                                           progress=report)
+    return out
+
+
 def _exact(site: str, clean: Trace, corrupt: Trace, batch_size, progress) -> torch.Tensor:
     lens = corrupt.lens
-    n_layers, t = lens.n_layers, len(corrupt)
-    n = lens.n_heads if site == "head" else t
-    grid = torch.empty(n_layers, n, dtype=torch.float64)
-    done = [0]
-    total = n_layers * n
+    n = lens.n_heads if site == "head" else len(corrupt)
+    grid = torch.empty(lens.n_layers, n, dtype=torch.float64)
+    total = lens.n_layers * n
+    last = [0]
 
-    def report(k, _):
-        if progress is not None:
-            progress(done[0] + k, total)
+    def tell(k):  # progress(done, total), each count once (cells skipped as unchanged count as done)
+        if progress is not None and k != last[0]:
+            last[0] = k
+            progress(k, total)
 
-    for layer in range(n_layers):
+    for layer in range(lens.n_layers):
+        done = layer * n
+
+        def report(k, _, done=done):
+            tell(done + k)
+
         if site == "head":
-            src = clean.head_values(layer).transpose(0, 1)  # [T, H, d]
-            first = layer
-
-            def install(stack, rows, layer=layer, src=src):
-                heads = torch.tensor(list(rows))
-
-                def put(o):  # o [B, T, H, d]: row b takes the clean output of head rows[b]
-                    b = torch.arange(len(heads))
-                    o[b, :, heads] = src.to(device=o.device, dtype=o.dtype)[:, heads].transpose(0, 1)
-                    return o
-
-                batched.o_proj_input(stack, lens, layer, put)
+            grid[layer] = _head_layer(lens, clean, corrupt, layer, batch_size, report)
         else:
-            rsite = "post" if site == "mid" else site  # one position's mid fixes its block output
-            src = clean.resid(layer, rsite)
-            first = layer + 1 if rsite == "post" else layer
-
-            def install(stack, rows, src=src, first=first):
-                pos = torch.tensor(list(rows))
-
-                def put(x):  # x [B, T, D]: row b takes the clean vector at position rows[b]
-                    x = x.clone()
-                    x[torch.arange(len(pos)), pos] = src.to(device=x.device, dtype=x.dtype)[pos]
-                    return x
-
-                batched.pre_hook(stack, batched.residual_input(lens, first), put)
-        grid[layer] = batched.variant_metrics(corrupt, n, first, install, batch_size=batch_size, progress=report)
-        done[0] += n
+            grid[layer] = _resid_layer(lens, clean, corrupt, layer, site, batch_size, report)
+        tell(done + n)
     return grid - corrupt.metric
 
 

@@ -79,21 +79,34 @@ class ActivationPatch(Patch):
             ctx.replace_block_input(layer if self.site == "pre" else layer + 1, put)
         elif self.site == "post":  # last block: its output is the final norm's input
             ctx.replace_input(lens.final_norm_module, put)
-        else:  # mid = pre + attention output: set the attention output to source_mid - pre
-            block_in = {}
+        else:
+            self._install_mid(ctx, layer, dst, src)
 
-            def keep_input(mod, args, kwargs):
-                block_in["x"] = args_hidden(args, kwargs)
+    @staticmethod
+    def _install_mid(ctx, layer, dst, src):
+        """mid = pre + w(attention output), w the write into the residual: the identity, Granite's
+        m * y, or a post-attention norm N(y) (Gemma 2/3, OLMo 2). Set w's output to source_mid - pre at
+        `dst`: on the post-norm's output where the family has one, else on the attention output
+        divided by the multiplier m."""
+        ad = ctx.adapter
+        block_in = {}
+        m = ad.multiplier(ctx.model.config)
 
-            def attn_out(mod, args, output):
-                out = output[0] if isinstance(output, tuple) else output
-                new = out.clone()
-                x = block_in["x"]
-                new[:, dst] = src.to(device=out.device, dtype=out.dtype) - x[:, dst]
-                return (new, *output[1:]) if isinstance(output, tuple) else new
+        def keep_input(mod, args, kwargs):
+            block_in["x"] = args_hidden(args, kwargs)
 
-            ctx.pre_hook(ctx.block(layer), keep_input, with_kwargs=True)
-            ctx.forward_hook(ctx.part(layer, "attn"), attn_out)
+        def set_write(mod, args, output, scale):
+            out = output[0] if isinstance(output, tuple) else output
+            new = out.clone()
+            x = block_in["x"]
+            new[:, dst] = ((src.to(device=out.device, dtype=out.dtype) - x[:, dst]) / scale).to(out.dtype)
+            return (new, *output[1:]) if isinstance(output, tuple) else new
+
+        ctx.pre_hook(ctx.block(layer), keep_input, with_kwargs=True)
+        if ad.post_attn_norm is not None:
+            ctx.forward_hook(ctx.part(layer, "post_attn_norm"), lambda mod, a, o: set_write(mod, a, o, 1.0))
+        else:
+            ctx.forward_hook(ctx.part(layer, "attn"), lambda mod, a, o: set_write(mod, a, o, m))
 
 
 def activation_patching_sweep(lens, clean: Trace, corrupt, site: str = "post", layers=None,
