@@ -20,6 +20,10 @@ class ActivationPatch(Patch):
     positions: None = every position (source and this prompt must have the same length); a list of
     ints = those positions in both; a list of (position, source_position) pairs = chosen alignment.
     site "mid" needs a sequential block (in a parallel-residual block it is not a tensor of the graph).
+    "mid" is the residual between attention and MLP as the block adds it: on families whose attention
+    output passes a post-attention norm (Gemma 2/3, OLMo 2) the norm's output is set, and where a
+    residual multiplier scales it (Granite) the attention output is set to (target - pre) / multiplier,
+    so the residual after the addition is the source's exactly.
     """
 
     source: Trace
