@@ -150,6 +150,7 @@ class Explorer(StepThrough, pairs.Pairs, anywidget.AnyWidget):
             base = trace if not trace.patches else lens.trace(trace.prompt, trace.target_ids,
                                                               distractor=trace.distractor_id)
             self._show(base, trace, trace.patches, [], None, True, trace.target)
+        self._prefetch_head_measure()
 
     def __repr__(self) -> str:
         n = len(self.trace) if self.trace is not None else 0
@@ -236,6 +237,14 @@ class Explorer(StepThrough, pairs.Pairs, anywidget.AnyWidget):
             self.pair = self.pair_state()
             self.error = ""
             self.status = f"{t} tokens" + (f" · ran in {elapsed:.2f} s" if elapsed is not None else "") + self._step_note()
+
+    def _prefetch_head_measure(self) -> None:
+        """The head grid's default measure (DLA) of the first run, computed with it, so the first render's
+        request is answered from the cache instead of waiting behind the other views' first requests."""
+        try:
+            self.head_measure("dla")
+        except LensvizError:
+            pass                 # the grid's own request then shows the reason in the widget
 
     def _send_grid(self):
         meta, (ids, probs, ranks) = payload.logit_lens_grid(self.trace, self.site)

@@ -260,3 +260,15 @@ def test_from_trace_keeps_the_distractor(lens):
     assert ex.base.distractor_id == tr.distractor_id and ex.pair["metric_base"] == pytest.approx(
         lens.trace(CLEAN, target=TARGET, distractor=DISTRACTOR).metric)
     assert ex.pair["metric"] == pytest.approx(tr.metric)
+
+
+def test_the_first_runs_dla_is_ready_before_the_grid_asks(lens, monkeypatch):
+    """The head grid's default measure is computed with the first run, so the first render's request is
+    answered from the cache (no computation behind the other views' first requests), with the same numbers."""
+    from lensviz.views import payload
+    single = Explorer(lens, CLEAN, target=TARGET)
+    monkeypatch.setattr(payload, "head_importance", lambda *a, **k: pytest.fail("DLA recomputed on request"))
+    meta, (buf,) = single.answer({"what": "importance", "measure": "dla"})
+    ref = lv.head_importance(single.trace, "dla")
+    assert meta["measure"] == "dla"
+    np.testing.assert_array_equal(f32(buf, tuple(ref.shape)), ref.float().numpy())
