@@ -16,6 +16,7 @@ from .. import patches as P
 from ..checks import SITES, check_index, check_int, check_number
 from ..errors import LensvizError
 from ..lens import Lens
+from ..lenses.experts import check_expert
 from ..trace import Trace
 from . import pairs, payload, snapshot, stepping
 from .stepthrough import TABS, StepThrough, check_keywords
@@ -65,8 +66,10 @@ def patch_from_spec(spec, lens, base, pair=None) -> P.Patch:
         return P.HeadAblation(check_index(spec.get("layer"), lens.n_layers, "layer"), _int_list(spec.get("heads"), "heads"))
     if kind == "neuron":
         mode = spec.get("mode", "set")
+        expert = spec.get("expert")          # mixture-of-experts: the neuron of one expert
         return P.NeuronPatch(check_index(spec.get("layer"), lens.n_layers, "layer"),
-                             [check_index(spec.get("neuron"), lens.d_mlp, "neuron")], num("value", 0.0), mode=mode)
+                             [check_index(spec.get("neuron"), lens.d_mlp, "neuron")], num("value", 0.0), mode=mode,
+                             **({} if expert is None else {"expert": check_expert(lens, expert)}))
     if kind == "topk":
         return P.TopKAttention(check_int(spec.get("k"), "k", 1))
     if kind == "segments":

@@ -153,7 +153,10 @@ def neurons(trace, layer: int, position: int, k: int = 10, include=()) -> dict:
     view = debugger_view(trace, position=position, k=k, value_k=6, layers=[layer])
     row = view["layers"][0]
     subs = [{"neuron": s["dim"], "coef": s["coeff"], "score": s["score"],
-             "tokens": [t["token"] for t in s["tokens"]]} for s in row["sub_updates"]]
+             "tokens": [t["token"] for t in s["tokens"]], **({"expert": s["expert"]} if "expert" in s else {})}
+            for s in row["sub_updates"]]
+    if trace.lens.adapter.moe:          # MoE: (expert, neuron) pairs; patched ones outside the top stay in the patch list
+        include = ()
     extra = [n for n in include if n not in {s["neuron"] for s in subs}]
     if extra:
         a = trace.mlp_activations(layer)[view["position"], extra]
@@ -214,8 +217,10 @@ def value_search(lens, token) -> dict:
         index = _VALUE_INDEX[lens] = build_value_index(lens)
     hits = index.query(token, limit=20)
     return {"hits": [{"layer": h["layer"], "dim": h["dim"], "rank": h["rank"], "logit": h["logit"],
+                      **({"expert": h["expert"]} if "expert" in h else {}),
                       "tokens": [t["token"] if isinstance(t, dict) else str(t)
-                                 for t in index.value_tokens(h["layer"], h["dim"])[:6]]} for h in hits]}
+                                 for t in index.value_tokens(h["layer"], h["dim"], expert=h.get("expert"))[:6]]}
+                     for h in hits]}
 
 
 def masks(trace) -> dict:

@@ -62,7 +62,7 @@ export function mount(ctx, box) {
   };
   const describe = (p) => p.type === "attention" ? `η=${p.eta} on ${p.layers ? "L" + p.layers.join(",") : "all layers"}${p.heads ? " H" + p.heads.join(",") : ""}`
     : p.type === "ablate" ? `ablate L${p.layer}H${p.heads.join(",")}`
-    : p.type === "neuron" ? `L${p.layer} #${p.neuron} ${p.mode === "on" ? "on" : "= " + p.value}`
+    : p.type === "neuron" ? `L${p.layer}${p.expert === undefined ? "" : "E" + p.expert} #${p.neuron} ${p.mode === "on" ? "on" : "= " + p.value}`
     : p.type === "topk" ? `top-${p.k} attention`
     : p.type === "activation" ? `clean ${p.site} L${p.layer} @${p.position}`
     : p.type === "head" ? `clean head L${p.layer}H${p.heads.join(",")}` : "segment mask";
