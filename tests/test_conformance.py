@@ -593,9 +593,9 @@ def test_every_lens_works_or_names_what_blocks_it(family, runs):
     if CONFIGS[family].get("moe"):
         assert refused and all("mixture-of-experts" in m for m in refused.values()), refused
         # what still needs one MLP matrix: the dense calls above that name no expert, VISIT's MLP nodes and
-        # ShiftEdit (both read trace.mlp_activations), and the Explorer's value search (no expert selector)
+        # ShiftEdit (both read trace.mlp_activations); the Explorer's value search answers per expert
         assert set(refused) == {"imprint_tokens", "project_values", "ffn_projections", "visit_graph",
-                                "payload_flow", "payload_value_search", "shift_edit"}, refused
+                                "payload_flow", "shift_edit"}, refused
         e = int(tr.router(0)[0][-1, 0])
         for name, call in {"imprint_tokens": lambda: bl.imprint_tokens(tr, 0, expert=e),
                            "project_values": lambda: neurons.project_values(lens, 0, [0, 1], expert=e),
