@@ -705,23 +705,6 @@ class LabSession:
                 self.lab.stop()
 
 
-RENDER_TIMES_JS = """() => {
-  window.__lvTimes = [];
-  const seen = new Map();
-  const tick = () => {
-    document.querySelectorAll('.lv-explorer').forEach((el) => {
-      if (!seen.has(el)) { const r = {start: performance.now()}; seen.set(el, r); window.__lvTimes.push(r); }
-      const r = seen.get(el);
-      if (r.first === undefined && el.querySelector('.lv-grid .lv-cell') && el.querySelector('.lv-token')
-          && el.querySelector('.lv-norm-cell')) { r.first = performance.now(); r.tokens = el.querySelectorAll('.lv-token').length;
-          r.cells = el.querySelectorAll('.lv-grid .lv-cell').length; }
-      if (r.map === undefined && el.querySelector('canvas.lv-map-forward')) r.map = performance.now();
-    });
-    requestAnimationFrame(tick);
-  };
-  tick();
-}"""
-
 SCROLL_JS = """async () => {
   const ex = document.querySelector('.lv-explorer');
   const wrap = ex.querySelector('.lv-grid-wrap'), table = ex.querySelector('.lv-grid');
@@ -745,7 +728,7 @@ class LongSession(LabSession):
     round trip) and the time a scroll of the grid takes to redraw its columns."""
 
     def start(self) -> "LongSession":
-        from harness.browser import LabServer, open_notebook, wait_kernel_idle, write_notebook
+        from harness.browser import RENDER_TIMES_JS, LabServer, open_notebook, wait_kernel_idle, write_notebook
 
         nbdir = self.work / "lab-long"
         self.size_path = self.work / "long-state.json"

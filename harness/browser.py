@@ -261,6 +261,27 @@ def write_notebook(path: str | os.PathLike, cells: list[str], **metadata) -> Pat
 # -------------------------------------------------------------------- page helpers
 # JS run in the page (needs expose_app_in_browser, set above): the current notebook's kernel state
 # as the front end sees it, e.g. "connected idle".
+# Records, per Explorer on the page, when its view started, when its first render was complete (token
+# strip, logit-lens grid and head grid drawn) and when its first attention map appeared, into
+# window.__lvTimes ({start, first, tokens, cells, map}, performance.now() ms). Evaluate before the cell runs.
+RENDER_TIMES_JS = """() => {
+  window.__lvTimes = [];
+  const seen = new Map();
+  const tick = () => {
+    document.querySelectorAll('.lv-explorer').forEach((el) => {
+      if (!seen.has(el)) { const r = {start: performance.now()}; seen.set(el, r); window.__lvTimes.push(r); }
+      const r = seen.get(el);
+      if (r.first === undefined && el.querySelector('.lv-grid .lv-cell') && el.querySelector('.lv-token')
+          && el.querySelector('.lv-norm-cell')) { r.first = performance.now(); r.tokens = el.querySelectorAll('.lv-token').length;
+          r.cells = el.querySelectorAll('.lv-grid .lv-cell').length; }
+      if (r.map === undefined && el.querySelector('canvas.lv-map-forward')) r.map = performance.now();
+    });
+    requestAnimationFrame(tick);
+  };
+  tick();
+}"""
+
+
 _KERNEL_STATE_JS = """() => {
   const app = window.jupyterapp; if (!app) return 'no-app';
   const w = app.shell.currentWidget; const sc = w && w.sessionContext;

@@ -16,7 +16,7 @@ import torch
 from playwright.sync_api import expect
 
 import lensviz as lv
-from harness.browser import open_notebook, run_all, write_notebook
+from harness.browser import RENDER_TIMES_JS, open_notebook, run_all, write_notebook
 from lensviz.views import stepping
 from tests import models
 from tests.browser.test_explorer import CELLS, expected_prob
@@ -246,23 +246,6 @@ def test_slider_drag_runs_a_handful_and_stop_leaves_nothing(tmp_path, lab, page,
 
 # 3. a long prompt ----------------------------------------------------------------------------------
 T_LONG = 2048
-
-RENDER_TIMES_JS = """() => {
-  window.__lvTimes = [];
-  const seen = new Map();
-  const tick = () => {
-    document.querySelectorAll('.lv-explorer').forEach((el) => {
-      if (!seen.has(el)) { const r = {start: performance.now()}; seen.set(el, r); window.__lvTimes.push(r); }
-      const r = seen.get(el);
-      if (r.first === undefined && el.querySelector('.lv-grid .lv-cell') && el.querySelector('.lv-token')
-          && el.querySelector('.lv-norm-cell')) { r.first = performance.now(); r.tokens = el.querySelectorAll('.lv-token').length;
-          r.cells = el.querySelectorAll('.lv-grid .lv-cell').length; }
-      if (r.map === undefined && el.querySelector('canvas.lv-map-forward')) r.map = performance.now();
-    });
-    requestAnimationFrame(tick);
-  };
-  tick();
-}"""
 
 RESPONSIVE_JS = """async () => {
   const ex = [...document.querySelectorAll('.lv-explorer')].find((e) => e.querySelectorAll('.lv-token').length > 1000);
