@@ -4,7 +4,9 @@ Explorer's display bundle beside the widget view.
 
 What it shows: the header (model, prompt, target probability and rank, the patched diff), the token
 strip, the logit-lens grid (top-1 token per layer and position, shaded by probability in 8 steps) and
-the selected attention map as an inline PNG. No script at all; every piece of token text goes
+the selected attention map as an inline PNG. With a prompt pair (``corrupt=``) also both prompts with
+the differing tokens outlined, the metric of the clean, corrupt and shown runs with "% of the way", and
+the pair's attribution heatmap (residual "post", layers x positions, a diverging PNG with its scale). No script at all; every piece of token text goes
 through :func:`html.escape`. Styles are scoped under ``.lv-snapshot`` and follow dark themes
 (JupyterLab, VS Code, marimo) through CSS alone. A 64-token prompt on a 30-layer model stays well
 under 200 kB.
@@ -60,7 +62,7 @@ def _css() -> str:
         f"{s} .s-up{{color:var(--s-good)}} {s} .s-down{{color:var(--s-bad)}}",
         f"{s} .s-strip{{display:flex;flex-wrap:wrap;gap:2px;margin:6px 0}}",
         f"{s} .s-tok{{font:12px ui-monospace,Menlo,Consolas,'DejaVu Sans Mono',monospace;white-space:pre;"
-        "border:1px solid var(--s-line);border-radius:3px;padding:0 4px}}",
+        "border:1px solid var(--s-line);border-radius:3px;padding:0 4px}",
         f"{s} .s-tok.s-sel{{background:var(--s-accent);color:var(--s-accent-ink);border-color:var(--s-accent)}}",
         f"{s} .s-row{{display:flex;gap:12px;flex-wrap:wrap;align-items:flex-start}}",
         f"{s} table.s-grid{{margin:0;table-layout:auto;border:none;border-collapse:collapse;font:11px/1.4 ui-monospace,Menlo,Consolas,'DejaVu Sans Mono',monospace}}",
@@ -69,6 +71,9 @@ def _css() -> str:
         f"{s} .s-map{{image-rendering:pixelated;border:1px solid var(--s-line)}}",
         f"{s} figure{{margin:0;min-width:0}} {s} figcaption{{color:var(--s-muted)}}",
         f"{s} .s-gridfig{{flex:1 1 420px}} {s} .s-gridwrap{{overflow:auto;max-width:100%;max-height:480px}}",
+        f"{s} .s-pair{{margin:6px 0;display:grid;grid-template-columns:auto 1fr;gap:2px 8px;align-items:baseline}}",
+        f"{s} .s-tok.s-diff{{outline:2px solid var(--s-accent);outline-offset:-1px}}",
+        f"{s} .s-tok.s-app{{border-style:dashed}}",
     ]
     rules += [f"{s} .p{i}{{background:rgb{c};color:{_ink(c)}}}" for i, c in enumerate(LIGHT)]
     dark_vars = ("--s-fg:#e8e8e8;--s-bg:#1e1e1e;--s-muted:#a8a8a8;--s-line:#4a4a4a;--s-accent:#ff7ac6;"
@@ -119,6 +124,53 @@ def _map_png(values01: np.ndarray) -> bytes:
     return png_rgb(img)
 
 
+NEG, POS, MID = (202, 0, 32), (5, 48, 97), (255, 255, 255)   # util.js's diverging scale (light form)
+
+
+def diverging_png(values: np.ndarray) -> bytes:
+    """An [H, W] map of values in [-1, 1] as a PNG: red below 0, white at 0, blue above (util.js
+    `diverging`); NaN grey."""
+    v = np.nan_to_num(np.clip(values, -1, 1), nan=0.0)[..., None]
+    mid, neg, pos = (np.array(c, float) for c in (MID, NEG, POS))
+    img = np.where(v < 0, mid + (neg - mid) * -v, mid + (pos - mid) * v)
+    img = np.rint(img).astype(np.uint8)
+    img[np.isnan(values)] = (217, 217, 217)
+    return png_rgb(img)
+
+
+def _strip(tokens, marks) -> str:
+    return '<span class="s-strip">' + "".join(
+        f'<span class="s-tok{marks.get(i, "")}">{_e(_show(t))}</span>' for i, t in enumerate(tokens)) + "</span>"
+
+
+def _pair_html(ex, selected: int) -> str:
+    """Both prompts of a pair (differing tokens outlined, appended target positions dashed, the selected
+    position of the corrupt run, the one shown, filled), the metrics
+    and the pair's attribution heatmap at the residual "post" site (already computed with the pair)."""
+    st = ex.pair
+    if "clean_prompt" not in st:
+        return ""
+    diff, appended = set(st["differ"]), set(st.get("appended") or ())
+    marks = {i: " s-diff" if i in diff else " s-app" if i in appended else "" for i in range(len(st["clean_tokens"]))}
+    kind = "logit difference" if st["kind"] == "logit_diff" else "log p(target)"
+    clean, corrupt, shown = st["metric_clean"], st["metric_corrupt"], st["metric"]
+    way = "" if abs(clean - corrupt) < 1e-12 else f" ({int(round(100 * (shown - corrupt) / (clean - corrupt)))} % of the way)"
+    out = [f'<div class="s-pair"><span class="s-muted">clean</span>{_strip(st["clean_tokens"], marks)}'
+           f'<span class="s-muted">corrupt</span>{_strip(ex.tokens, {**marks, selected: marks[selected] + " s-sel"})}</div>',
+           f'<div class="s-line">{kind}: clean {clean:.3f} · corrupt {corrupt:.3f} · shown {shown:.3f}{_e(way)}</div>']
+    meta, (buf,) = payload.sweep_effect(ex.sweep("post", "attribution"))
+    n_layers, t = meta["shape"]
+    effect = np.frombuffer(buf, dtype="<f4").reshape(n_layers, t)[::-1].astype(float)   # last layer on top
+    top = meta["max"] or 1.0
+    png = base64.b64encode(diverging_png(effect / top)).decode()
+    px, py = max(3, min(32, 480 // max(t, 1))), max(3, min(8, 240 // max(n_layers, 1)))
+    out.append(f'<figure><img class="s-map" alt="patching attribution, {n_layers} layers by {t} positions" '
+               f'width="{t * px}" height="{n_layers * py}" src="data:image/png;base64,{png}">'
+               f"<figcaption>Patching (attribution, residual post): layers L{n_layers - 1} (top) to L0 by position; "
+               f"blue: patching the cell raises the metric, red: lowers it; max |effect| {top:.3g}</figcaption></figure>")
+    return "".join(out)
+
+
 def snapshot_html(ex) -> str:
     """The static snapshot of Explorer ``ex`` as one HTML fragment (no script; text escaped)."""
     tr, lens = ex.trace, ex.lens
@@ -141,8 +193,8 @@ def snapshot_html(ex) -> str:
                  f' <code>{_e(ex.code)}</code>')
     line += " · next: " + ", ".join(f"{_e(_show(t['token']))} {percent(t['prob'])}" for t in s["top"][:3])
     parts.append(f'<div class="s-line">{line}</div>')
-    parts.append('<div class="s-strip">' + "".join(
-        f'<span class="s-tok{" s-sel" if i == pos else ""}">{_e(_show(t))}</span>' for i, t in enumerate(toks)) + "</div>")
+    pair = _pair_html(ex, pos)
+    parts.append(pair or _strip(toks, {pos: " s-sel"}))     # a pair's corrupt row is the token strip
 
     # logit-lens grid: rows from the last layer down, 8 probability shades
     meta, (ids_b, probs_b, _ranks) = payload.logit_lens_grid(tr, ex.site)

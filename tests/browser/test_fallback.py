@@ -64,6 +64,8 @@ def test_nbconvert_html_shows_the_snapshot_offline(tmp_path, browser, artifacts)
     lens = lv.Lens(models.build("llama"), models.tokenizer())
     tr = lens.trace(PROMPT, target=" Paris")
     expect(first.locator(".s-tok")).to_have_count(len(tr))
+    sel = first.locator(".s-tok.s-sel")                        # the selected token is filled with the accent
+    assert sel.evaluate("e => getComputedStyle(e).backgroundColor") == "rgb(194, 0, 127)"
     expect(first.locator("table.s-grid td")).to_have_count(lens.n_layers * len(tr))
     expect(first.locator("img.s-map")).to_be_visible()
     assert first.locator("img.s-map").evaluate("img => img.complete && img.naturalWidth") == len(tr)

@@ -8,6 +8,8 @@ import gzip
 import json
 import random
 import re
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -236,6 +238,41 @@ def test_snapshot_and_export_work_with_a_pair(ex, tmp_path):
         meta, (buf,) = ex.answer(req)
         assert got["meta"]["shape"] == meta["shape"]
         assert base64.b64decode(got["buffers"][0]["$b64"]) == bytes(buf)
+
+
+def test_snapshot_shows_both_prompts_the_metrics_and_the_attribution_heatmap(ex, lens):
+    from lensviz.views import snapshot
+    ex.run(patches=[{"type": "activation", "layer": 1, "site": "post", "position": 9}])
+    data = ex._repr_mimebundle_()
+    html = (data[0] if isinstance(data, tuple) else data)["text/html"]
+    pair = re.search(r'<div class="s-pair">(.*?)</div>', html).group(1)
+    strips = re.findall(r'<span class="s-strip">(.*?)</span></span>', pair)
+    assert len(strips) == 2
+    outlined = [[m.start() for m in re.finditer(r'class="s-tok s-diff', st)] for st in strips]
+    sw = lens.patching_sweep(CLEAN, CORRUPT, target=TARGET, distractor=DISTRACTOR, site="post", method="attribution")
+    differ = [i for i, (a, b) in enumerate(zip(sw.clean.input_ids.tolist(), sw.corrupt.input_ids.tolist())) if a != b]
+    assert differ and all(len(o) == len(differ) for o in outlined)
+    texts = [re.findall(r'<span class="s-tok[^"]*">([^<]*)</span>', st) for st in strips]
+    assert [texts[0][i] for i in differ] == [snapshot._show(sw.clean.tokens[i]) for i in differ]
+    assert [texts[1][i] for i in differ] == [snapshot._show(sw.corrupt.tokens[i]) for i in differ]
+    shown = lens.trace(CORRUPT, target=TARGET, distractor=DISTRACTOR,
+                       patches=[lv.ActivationPatch(sw.clean, 1, "post", positions=[9])]).metric
+    way = 100 * (shown - sw.metric_corrupt) / (sw.metric_clean - sw.metric_corrupt)
+    assert (f"logit difference: clean {sw.metric_clean:.3f} · corrupt {sw.metric_corrupt:.3f} · shown {shown:.3f} "
+            f"({way:.0f} % of the way)") in html
+    # the heatmap PNG: layers (last on top) x positions, its pixels the effect / max|effect| on util.js's scale
+    b64 = re.findall(r'alt="patching attribution[^"]*" width="\d+" height="\d+" src="data:image/png;base64,([^"]+)"', html)
+    png = base64.b64decode(b64[0])
+    w, h = struct.unpack(">II", png[16:24])
+    assert (w, h) == (len(sw.tokens), lens.n_layers)
+    raw = zlib.decompress(png[png.index(b"IDAT") + 4:])
+    img = np.frombuffer(raw, np.uint8).reshape(h, 1 + 3 * w)[:, 1:].reshape(h, w, 3).astype(float)
+    e = sw.effect.numpy() / sw.effect.abs().max().item()
+    mid, neg, pos = (np.array(c, float) for c in (snapshot.MID, snapshot.NEG, snapshot.POS))
+    for layer, p in [(0, differ[0]), (lens.n_layers - 1, len(sw.tokens) - 1), (1, 0)]:
+        v = e[layer, p]
+        want = mid + ((neg - mid) * -v if v < 0 else (pos - mid) * v)
+        assert np.abs(img[lens.n_layers - 1 - layer, p] - want).max() <= 1.0, (layer, p)
 
 
 def test_a_new_corrupt_prompt_from_the_widget_is_checked_against_the_clean_one(ex, lens):

@@ -54,6 +54,19 @@ def test_snapshot_shows_header_tokens_grid_and_map(tiny_tokenizer):
     assert np.abs(img[5, 3].astype(float) - green).max() <= 2.0
 
 
+def test_snapshot_css_rules_are_balanced_and_each_selector_is_scoped():
+    """A stray brace drops the rule after it (the selected token lost its fill that way)."""
+    css = snapshot._css()
+    depth = 0
+    for ch in css:
+        depth += {"{": 1, "}": -1}.get(ch, 0)
+        assert depth in (0, 1), "nested or stray brace in the snapshot's CSS"
+    assert depth == 0
+    for rule in re.findall(r"([^{}]+)\{[^{}]*\}", css):
+        for selector in rule.split(","):
+            assert selector.strip().startswith(".lv-snapshot") or ".lv-snapshot" in selector, selector
+
+
 def test_snapshot_escapes_token_text_and_has_no_script(tiny_tokenizer):
     ex = lv.Explorer(lv.Lens(models.build("gpt2"), tiny_tokenizer), XSS, target=" Paris")
     html = bundle_html(ex)
