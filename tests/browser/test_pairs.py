@@ -6,6 +6,7 @@ computes for the same tiny model."""
 from __future__ import annotations
 
 import pathlib
+import re
 
 import pytest
 from playwright.sync_api import expect
@@ -215,3 +216,61 @@ def test_exported_pair_shows_the_heatmap_offline(tmp_path, browser, artifacts):
     page.screenshot(path=str(artifacts / "pairs-export.png"), full_page=True)
     assert errors == []
     ctx.close()
+
+
+LONG_CELLS = [
+    f"import sys\nsys.path.insert(0, {str(REPO)!r})\nimport torch, lensviz as lv\nfrom transformers import AutoModelForCausalLM\n"
+    "from tests import models\nfrom tests.conftest import PROMPT\n"
+    "cfg = models.config('llama'); cfg.max_position_embeddings = 256\ntorch.manual_seed(0)\n"
+    "lens = lv.Lens(AutoModelForCausalLM.from_config(cfg, dtype=torch.float64).eval(), models.tokenizer())\n"
+    "CLEAN = ' '.join([PROMPT] * 6)\nCORRUPT = ' '.join([PROMPT] * 5 + [PROMPT.replace(' France', ' Paris')])",
+    "ex = lv.Explorer(lens, CLEAN, corrupt=CORRUPT, target=' Paris', tab='patching')\nex",
+]
+
+
+def test_long_pair_heatmap_draws_only_the_columns_in_view(tmp_path, lab, page, artifacts):
+    """At T >= 96 the patching heatmap is windowed like the logit-lens grid: a scroll to the far right
+    draws the last columns with Python's values, End / Home move the focused cell to the last / first
+    position and bring it into view."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cfg = models.config("llama")
+    cfg.max_position_embeddings = 256
+    torch.manual_seed(0)
+    lens = lv.Lens(AutoModelForCausalLM.from_config(cfg, dtype=torch.float64).eval(), models.tokenizer())
+    clean = " ".join([PROMPT] * 6)
+    corrupt = " ".join([PROMPT] * 5 + [PROMPT.replace(" France", " Paris")])
+    ref = lens.patching_sweep(clean, corrupt, target=" Paris", site="post", method="attribution").effect
+    n_layers, t = ref.shape
+    assert t >= 96
+    write_notebook(tmp_path / "long.ipynb", LONG_CELLS)
+    server = lab(tmp_path)
+    open_notebook(page, server, "long.ipynb")
+    run_all(page)
+    ex = page.locator(".lv-explorer").first
+    sweep = ex.locator(".lv-sweep-grid")
+    expect(sweep).to_have_attribute("data-site", "post", timeout=60_000)
+    expect(sweep).to_have_class("lv-sweep-grid lv-windowed")
+    drawn = sweep.locator(".lv-sweep-cell").count()
+    assert 0 < drawn < n_layers * t
+    assert sweep.get_attribute("data-columns").startswith("0-")
+    ex.locator(".lv-sweep-wrap").evaluate("el => { el.scrollLeft = el.scrollWidth; }")
+    expect(ex.locator(".lv-sweep-grid")).to_have_attribute("data-columns", re.compile(rf"^\d+-{t}$"))
+    got = by_cell(ex.locator(".lv-sweep-grid"), "col")
+    assert (n_layers - 1, t - 1) in got and (0, 0) not in got
+    assert all(v == pytest.approx(float(ref[la, c]), rel=1e-4, abs=1e-6) for (la, c), v in got.items())
+    label = ex.locator('.lv-sweep-grid th[role="rowheader"]').first     # the layer labels stay in view
+    box, wrap = label.bounding_box(), ex.locator(".lv-sweep-wrap").bounding_box()
+    assert wrap["x"] - 1 <= box["x"] <= wrap["x"] + 4, (box, wrap)
+    ex.screenshot(path=str(artifacts / "pairs-long-right.png"))
+    # keyboard: Home goes to position 0 and scrolls it into view, End back to the last one
+    ex.locator(f'.lv-sweep-cell[data-layer="{n_layers - 1}"][data-col="{t - 1}"]').focus()
+    page.keyboard.press("Home")
+    expect(ex.locator(".lv-sweep-grid td:focus")).to_have_attribute("data-col", "0")
+    expect(ex.locator(".lv-sweep-grid")).to_have_attribute("data-columns", re.compile(r"^0-\d+$"))
+    page.keyboard.press("End")
+    expect(ex.locator(".lv-sweep-grid td:focus")).to_have_attribute("data-col", str(t - 1))
+    page.keyboard.press("Enter")
+    expect(ex.locator('.lv-patch-chip[data-type="activation"]')).to_contain_text(f"post L{n_layers - 1} @{t - 1}")
+    assert page.offsite == []

@@ -2,9 +2,11 @@
 // at (layer, position) or (layer, head) patched in) − metric(corrupt run). The attribution estimate
 // (gradient × activation difference, from the captured backward pass) comes at once; the exact sweep
 // is a background job (progress, Stop). Clicking a cell (or Enter / Space on it) applies that patch, so
-// every view follows; clicking it again removes it. Arrow keys / Home / End move in the grid.
+// every view follows; clicking it again removes it. Arrow keys / Home / End move in the grid. Long
+// prompts (vgrid.js): only the position columns in view are drawn, spacer cells stand for the rest.
 export function mount(ctx, box) {
   const { h, show, clip, f32, diverging, gridKeys } = ctx.util;
+  const { visibleColumns, spacer, onScroll, scrollToColumn, COL_PX, WINDOW_FROM } = ctx.vgrid;
   const m = ctx.model;
   const alive = ctx.alive;
   let site = "post", method = "attribution", normalized = false, token = 0;
@@ -52,9 +54,17 @@ export function mount(ctx, box) {
     ctx.setPatches(rest.length === ps.length ? [...ps, s] : rest);
   }
 
+  const columns = () => { const d = cache.get(key()); return d && !d.meta.missing ? d.meta.shape[1] : 0; };
+  const windowed = () => site !== "head" && columns() >= WINDOW_FROM;
+  ctx.onDispose(onScroll(gridBox, () => { if (windowed()) draw(); }));
+
   function focusCell(l, c, focus = true) {
     const old = gridBox.querySelector('td[tabindex="0"]');
-    const cell = gridBox.querySelector(`td[data-layer="${l}"][data-col="${c}"]`);
+    let cell = gridBox.querySelector(`td[data-layer="${l}"][data-col="${c}"]`);
+    if (!cell && windowed()) {             // a column outside the drawn window: bring it into view first
+      cur = { l, c }; scrollToColumn(gridBox, columns(), c); draw();
+      cell = gridBox.querySelector(`td[data-layer="${l}"][data-col="${c}"]`);
+    }
     if (!cell) return;
     if (old && old !== cell) { old.tabIndex = -1; old.setAttribute("aria-selected", "false"); }
     cell.tabIndex = 0; cell.setAttribute("aria-selected", "true");
@@ -73,32 +83,39 @@ export function mount(ctx, box) {
     const [L, N] = d.meta.shape;
     let max = 0; for (let i = 0; i < L * N; i++) { const v = value(d, i); if (Number.isFinite(v)) max = Math.max(max, Math.abs(v)); }
     if (!cur || cur.l >= L || cur.c >= N) cur = { l: L - 1, c: N - 1 };
-    const refocus = gridBox.contains(document.activeElement);
-    const head = [h("th", { role: "columnheader", text: "" }),
-      ...Array.from({ length: N }, (_, c) => h("th", { role: "columnheader", class: "lv-sweep-col", title: colLabel(c), text: site === "head" ? "H" + c : clip(show((m.get("tokens") || [])[c] ?? ""), 6) }))];
-    const rows = [h("tr", {}, ...head)];
+    const refocus = gridBox.contains(document.activeElement), scroll = [gridBox.scrollLeft, gridBox.scrollTop];
+    const wide = windowed(), [c0, c1] = wide ? visibleColumns(gridBox, N) : [0, N];
+    const fixed = wide ? { minWidth: COL_PX + "px", maxWidth: COL_PX + "px", width: COL_PX + "px" } : {};
+    const head = [h("th", { role: "columnheader", text: "" }), spacer(h, "th", c0),
+      ...Array.from({ length: c1 - c0 }, (_, i) => c0 + i).map((c) => h("th", { role: "columnheader", class: "lv-sweep-col",
+        title: colLabel(c), style: wide ? fixed : undefined, text: site === "head" ? "H" + c : clip(show((m.get("tokens") || [])[c] ?? ""), 6) })),
+      spacer(h, "th", N - c1)];
+    const rows = [h("tr", {}, ...head.filter(Boolean))];
     for (let l = L - 1; l >= 0; l--) {
-      const cells = [h("th", { role: "rowheader", text: "L" + l })];
-      for (let c = 0; c < N; c++) {
+      const cells = [h("th", { role: "rowheader", text: "L" + l }), spacer(h, "td", c0)];
+      for (let c = c0; c < c1; c++) {
         const i = l * N + c, v = value(d, i), on = cur.l === l && cur.c === c, patched = isPatched(l, c);
         cells.push(h("td", { class: "lv-sweep-cell" + (patched ? " lv-patched" : ""), role: "gridcell",
           tabindex: on ? "0" : "-1", "aria-selected": String(on), "data-layer": l, "data-col": c,
           "data-value": Number.isFinite(v) ? v.toPrecision(6) : "NaN",
           "aria-label": describe(d, l, c) + (patched ? " (Enter removes the patch)" : " (Enter patches it)"),
-          title: describe(d, l, c), style: { background: Number.isFinite(v) && max > 0 ? diverging(v / max) : ctx.util.maskedColour() },
+          title: describe(d, l, c), style: { ...fixed, background: Number.isFinite(v) && max > 0 ? diverging(v / max) : ctx.util.maskedColour() },
           onclick: () => { focusCell(l, c, false); toggle(l, c); },
           onmouseenter: () => { readout.textContent = describe(d, l, c); } }));
       }
-      rows.push(h("tr", {}, ...cells));
+      cells.push(spacer(h, "td", N - c1));
+      rows.push(h("tr", {}, ...cells.filter(Boolean)));
     }
     const what = site === "head" ? "heads (columns)" : "positions (columns)";
-    gridBox.replaceChildren(h("table", { class: "lv-sweep-grid", role: "grid", "data-site": site, "data-method": method,
+    gridBox.replaceChildren(h("table", { class: "lv-sweep-grid" + (wide ? " lv-windowed" : ""), role: "grid",
+      "data-site": site, "data-method": method, "data-columns": `${c0}-${c1}`,
       "aria-label": `patching effect (${method}) per layer (rows) and ${what}; Enter applies the patch` }, ...rows));
     legendBox.replaceChildren(ctx.scales.legend(h, diverging, { scale_mode: "linear", scale: max }));
     note.textContent = `${method === "exact" ? "exact" : "attribution estimate"} of metric(patched corrupt) − metric(corrupt)` +
       (normalized ? ", ÷ (metric clean − metric corrupt): 1 = fully restored" : "") +
       ` · clean ${d.meta.metric_clean.toFixed(3)}, corrupt ${d.meta.metric_corrupt.toFixed(3)} · blue > 0 pushes toward the clean run`;
-    if (refocus) focusCell(cur.l, cur.c);
+    gridBox.scrollLeft = scroll[0]; gridBox.scrollTop = scroll[1];
+    if (refocus) { const f = gridBox.querySelector('td[tabindex="0"]'); if (f) f.focus({ preventScroll: true }); }
   }
 
   async function load() {
