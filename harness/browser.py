@@ -20,6 +20,7 @@ No news, no update checks, no extension manager talking to PyPI, no notification
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -51,7 +52,89 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class LabServer:
+def http_ok(url: str) -> bool:
+    """True when `url` answers 200 (any connection error: False)."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+        return False
+
+
+class Server:
+    """What every throw-away server of the tests shares: a process (`proc`) writing to `log_path`,
+    waiting until it is ready, and stopping it with the processes it started (kernels)."""
+
+    name = "server"
+    startup_timeout = 90.0
+    proc: subprocess.Popen | None = None
+    log_path: Path | None = None
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except (OSError, AttributeError):
+            return ""
+
+    def _wait(self, ready, what: str) -> None:
+        """Poll `ready()` until it is true; RuntimeError when the process exits, TimeoutError after
+        `startup_timeout` (both with the log's tail)."""
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; log:\n{self.log()[-3000:]}")
+            if ready():
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"{self.name}: {what} within {self.startup_timeout}s; log:\n{self.log()[-3000:]}")
+
+    def _stop_process(self):
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        try:
+            import psutil
+            kids = psutil.Process(proc.pid).children(recursive=True)
+        except Exception:                        # noqa: BLE001  (already gone, or no psutil)
+            kids = []
+        if proc.poll() is None:
+            proc.terminate()                     # SIGTERM: a server shuts its kernels down itself
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+        for k in kids:                           # leftovers (kernels), ours by pid only
+            try:
+                if k.is_running():
+                    k.kill()
+            except Exception:                    # noqa: BLE001
+                pass
+        self._log.close()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+@contextlib.contextmanager
+def server_pool(request, describe=lambda s: s.name):
+    """The list a server fixture appends what it starts to: every server is stopped when the test
+    ends, and its log printed (its last 4000 characters) when the test failed."""
+    servers = []
+    try:
+        yield servers
+    finally:
+        rep = getattr(request.node, "rep_call", None)
+        for s in servers:
+            if rep is not None and rep.failed:
+                print(f"\n----- {describe(s)} log -----\n{s.log()[-4000:]}")
+            s.stop()
+
+
+class LabServer(Server):
     """Start with ``start()`` (or ``with``), stop with ``stop()``. Exposes ``url`` (ends in "/"),
     ``token``, ``root`` (the served copy, a Path), ``home``, ``app`` and ``log_path``."""
 
@@ -66,6 +149,7 @@ class LabServer:
         self.kernel_python = None if kernel_python is None else str(kernel_python)
         self.kernel_env = dict(kernel_env or {})
         self.app, self.folder, self.startup_timeout = app, folder, startup_timeout
+        self.name = f"{app} server"
         self.tmp_parent, self.extra_args = tmp_parent, list(extra_args or [])
         self.token = "lensviz-test-" + os.urandom(8).hex()
         self.proc: subprocess.Popen | None = None
@@ -159,26 +243,7 @@ class LabServer:
         raise RuntimeError(f"{self.app} server did not start: {last}")
 
     def _wait_ready(self):
-        deadline = time.monotonic() + self.startup_timeout
-        status = f"{self.url}api/status?token={self.token}"
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"exited with {self.proc.returncode}; log:\n{self.log()[-3000:]}")
-            try:
-                with urllib.request.urlopen(status, timeout=5) as r:
-                    if r.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"no 200 from /api/status within {self.startup_timeout}s; log:\n{self.log()[-3000:]}")
-
-    # ---------------------------------------------------------------- use
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except (OSError, AttributeError):
-            return ""
+        self._wait(lambda: http_ok(f"{self.url}api/status?token={self.token}"), "no 200 from /api/status")
 
     def api(self, path: str, method: str = "GET", body=None):
         """Call the REST API (``lab.api("api/sessions")``) and return the decoded JSON (or None)."""
@@ -200,30 +265,6 @@ class LabServer:
         return f"{self.url}{'lab' if self.app == 'lab' else 'tree'}?token={self.token}"
 
     # ---------------------------------------------------------------- tear-down
-    def _stop_process(self):
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        try:
-            import psutil
-            kids = psutil.Process(proc.pid).children(recursive=True)
-        except Exception:                        # noqa: BLE001  (already gone, or no psutil)
-            kids = []
-        if proc.poll() is None:
-            proc.terminate()                     # SIGTERM: the server shuts its kernels down itself
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
-        for k in kids:                           # leftovers (kernels), ours by pid only
-            try:
-                if k.is_running():
-                    k.kill()
-            except Exception:                    # noqa: BLE001
-                pass
-        self._log.close()
-
     def cleanup(self):
         if self.home is not None:
             shutil.rmtree(self.home, ignore_errors=True)
@@ -233,11 +274,6 @@ class LabServer:
         if not keep_home:
             self.cleanup()
 
-    def __enter__(self) -> "LabServer":
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
 
 
 # -------------------------------------------------------------------- notebooks

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from harness.browser import (CHROMIUM, CHROMIUM_ARGS, LabServer, open_notebook, run_all,  # noqa: F401
-                             wait_kernel_idle, write_notebook)
+                             server_pool, wait_kernel_idle, write_notebook)
 ARTIFACTS = Path(__file__).parent / "artifacts"
 HERE = Path(__file__).parent.resolve()
 _LOCAL = re.compile(r"^(https?|wss?)://(127\.0\.0\.1|localhost)(:\d+)?(/|$)")
@@ -103,20 +103,13 @@ def lab(tmp_path_factory, request):
     """Factory: ``lab(folder, app="lab"|"notebook")`` starts a server on a temporary copy of
     ``folder`` and returns the LabServer (``.url``, ``.token``, ``.root``, ``.notebook_url(name)``);
     every server it started is stopped when the test ends. On failure, the server log is printed."""
-    servers = []
+    with server_pool(request, lambda s: f"{s.app} server ({s.url})") as servers:
+        def start(folder=None, app: str = "lab", **kw) -> LabServer:
+            kw.setdefault("tmp_parent", tmp_path_factory.mktemp(f"{app}server"))
+            servers.append(LabServer(folder, app=app, **kw).start())
+            return servers[-1]
 
-    def start(folder=None, app: str = "lab", **kw) -> LabServer:
-        kw.setdefault("tmp_parent", tmp_path_factory.mktemp(f"{app}server"))
-        s = LabServer(folder, app=app, **kw).start()
-        servers.append(s)
-        return s
-
-    yield start
-    rep = getattr(request.node, "rep_call", None)
-    for s in servers:
-        if rep is not None and rep.failed:
-            print(f"\n----- {s.app} server log ({s.url}) -----\n{s.log()[-4000:]}")
-        s.stop()
+        yield start
 
 
 @pytest.fixture(scope="session")

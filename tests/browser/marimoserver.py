@@ -14,12 +14,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
-from harness.browser import REPO, free_port
+from harness.browser import REPO, Server, free_port, http_ok
 
 
 def marimo_notebook(cells: list[str]) -> str:
@@ -33,14 +30,15 @@ def marimo_notebook(cells: list[str]) -> str:
     return "\n".join(out)
 
 
-class MarimoServer:
+class MarimoServer(Server):
     MODES = ("edit", "run")
 
     def __init__(self, source: str, mode: str = "edit", *, name: str = "explorer_nb.py",
                  startup_timeout: float = 90.0, tmp_parent=None, theme: str = "light"):
         if mode not in self.MODES:
             raise ValueError(f"mode must be one of {self.MODES}, not {mode!r}")
-        self.source, self.mode, self.name, self.startup_timeout = source, mode, name, startup_timeout
+        self.source, self.mode, self.file, self.startup_timeout = source, mode, name, startup_timeout
+        self.name = f"marimo {mode}"
         self.tmp_parent, self.theme = tmp_parent, theme
         self.token = "lensviz-test-" + os.urandom(8).hex()
         self.proc = None
@@ -69,7 +67,7 @@ class MarimoServer:
 
     def start(self) -> "MarimoServer":
         self.home = Path(tempfile.mkdtemp(prefix=f"lv-marimo-{self.mode}-", dir=self.tmp_parent))
-        nb = self.home / self.name
+        nb = self.home / self.file
         nb.write_text(self.source)
         env = self._env()
         self.log_path = self.home / "server.log"
@@ -89,53 +87,11 @@ class MarimoServer:
         return self
 
     def _wait_ready(self):
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"marimo exited with {self.proc.returncode}; log:\n{self.log()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=5) as r:
-                    if r.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"marimo did not answer /health within {self.startup_timeout}s; log:\n{self.log()[-3000:]}")
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except (OSError, AttributeError):
-            return ""
+        self._wait(lambda: http_ok(f"http://127.0.0.1:{self.port}/health"), "no answer from /health")
 
     def stop(self):
-        proc, self.proc = self.proc, None
-        if proc is not None:
-            try:
-                import psutil
-                kids = psutil.Process(proc.pid).children(recursive=True)
-            except Exception:                    # noqa: BLE001
-                kids = []
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout=10)
-            for k in kids:                       # leftovers (kernel processes), ours by pid only
-                try:
-                    if k.is_running():
-                        k.kill()
-                except Exception:                # noqa: BLE001
-                    pass
-            self._log.close()
+        if self.proc is not None:
+            self._stop_process()
         if self.home is not None:
             shutil.rmtree(self.home, ignore_errors=True)
             self.home = None
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from playwright.sync_api import expect
 
-from harness.browser import REPO, open_notebook, run_all, write_notebook
+from harness.browser import REPO, open_notebook, run_all, server_pool, write_notebook
 from tests.browser.marimoserver import MarimoServer, marimo_notebook
 from tests.browser.pagecheck import CONTROLS, contrast_report, control_styles
 from tests.browser.test_explorer import CELLS, expected_prob
@@ -23,19 +23,13 @@ SOURCE = marimo_notebook([
 
 @pytest.fixture
 def marimo(tmp_path_factory, request):
-    servers = []
+    with server_pool(request) as servers:
+        def start(mode, theme="light"):
+            tmp = tmp_path_factory.mktemp(f"marimo-{mode}")
+            servers.append(MarimoServer(SOURCE, mode=mode, theme=theme, tmp_parent=tmp).start())
+            return servers[-1]
 
-    def start(mode, theme="light"):
-        s = MarimoServer(SOURCE, mode=mode, theme=theme, tmp_parent=tmp_path_factory.mktemp(f"marimo-{mode}")).start()
-        servers.append(s)
-        return s
-
-    yield start
-    rep = getattr(request.node, "rep_call", None)
-    for s in servers:
-        if rep is not None and rep.failed:
-            print(f"\n----- marimo {s.mode} log -----\n{s.log()[-4000:]}")
-        s.stop()
+        yield start
 
 
 @pytest.mark.parametrize("mode", ["edit", "run"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from playwright.sync_api import expect
 
-from harness.browser import write_notebook
+from harness.browser import server_pool, write_notebook
 from tests.browser.test_explorer import CELLS, expected_prob
 from tests.browser.voilaserver import VoilaServer
 
@@ -16,19 +16,12 @@ VOILA_TEMPLATE_CDN = ("https://cdn.jsdelivr.net/npm/@fortawesome/", "https://cdn
 
 @pytest.fixture
 def voila(tmp_path_factory, request):
-    servers = []
+    with server_pool(request) as servers:
+        def start(folder, notebook):
+            servers.append(VoilaServer(folder, notebook, tmp_parent=tmp_path_factory.mktemp("voila")).start())
+            return servers[-1]
 
-    def start(folder, notebook):
-        s = VoilaServer(folder, notebook, tmp_parent=tmp_path_factory.mktemp("voila")).start()
-        servers.append(s)
-        return s
-
-    yield start
-    rep = getattr(request.node, "rep_call", None)
-    for s in servers:
-        if rep is not None and rep.failed:
-            print(f"\n----- voila log -----\n{s.log()[-4000:]}")
-        s.stop()
+        yield start
 
 
 def test_explorer_in_voila(tmp_path, voila, page, artifacts):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import socket
 import sys
-import time
 
 from harness.browser import LabServer
 
@@ -18,7 +17,7 @@ class VoilaServer(LabServer):
 
     def __init__(self, folder, notebook: str, **kw):
         super().__init__(folder, app="voila", **kw)
-        self.notebook = notebook
+        self.notebook, self.name = notebook, "voila"
 
     @property
     def page_url(self) -> str:
@@ -30,13 +29,10 @@ class VoilaServer(LabServer):
                 "--KernelSpecManager.ensure_native_kernel=False", "--theme=light"] + self.extra_args
 
     def _wait_ready(self):
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"voila exited with {self.proc.returncode}; log:\n{self.log()[-3000:]}")
-            if "Voilà is running at" in self.log() or "Voila is running at" in self.log():
-                with socket.socket() as s:
-                    if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                        return
-            time.sleep(0.2)
-        raise TimeoutError(f"voila did not start within {self.startup_timeout}s; log:\n{self.log()[-3000:]}")
+        def ready():
+            if "Voilà is running at" not in self.log() and "Voila is running at" not in self.log():
+                return False
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+        self._wait(ready, "did not start")
