@@ -819,7 +819,7 @@ def test_expert_backward_lens_tables_and_readouts(family, runs):
     keys = torch.cat(lens.adapter.split_gate_up(ex.expert_keys(lens, 1, e).T), dim=-1)  # [D, 2F] gate | up
     gate, up = es.ffn_keys(lens, 1, "mlp_gate", expert=e), es.ffn_keys(lens, 1, "mlp_in", expert=e)
     assert torch.equal(keys, torch.cat([gate.T, up.T], dim=-1))
-    b = lens.adapter.expert_matrix(ex.experts_of(lens, 1), e, "mlp_in")[1]
+    b = lens.expert_weight(1, e, "mlp_in", "bias")
     h = f.x @ ex.expert_keys(lens, 1, e).T + (0 if b is None else b.detach())
     assert rel(h, f.h) < 1e-12
     # dense-only calls name the property; dense families refuse expert=
