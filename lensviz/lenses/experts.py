@@ -6,7 +6,8 @@ y_e = a_e W_down,e + b_e; the MLP output is sum_e w_{t,e} y_e. So a neuron's sub
 w_{t,e} * a_{e,n} * value_{e,n} (router weight x activation x value vector), and for the Backward Lens
 expert e's FF2 sees the VJP w_{t,e} * delta_t (delta = dL/d MLP output) and FF1 that VJP pulled back
 through the expert's activation; tokens not routed to e contribute nothing to e's gradients.
-Activations are recomputed from `Trace.mlp_input` with the adapter's expert maths, not stored.
+Activations are recomputed from `Trace.mlp_input` with the adapter's expert maths, not stored; every expert
+parameter is read through `Lens.expert_weight`, which loads offloaded (accelerate) weights on demand.
 """
 from __future__ import annotations
 

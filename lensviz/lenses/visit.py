@@ -2,6 +2,8 @@
 Transformers"): one forward pass at one position as a flow graph of residual
 vectors read through the vocabulary projection. Block/head decompositions, exact QK bilinear forms, W_O and
 MLP neurons, the LN "semantic filter", and `visit_graph`, JSON-ready nodes and edges for widget and matplotlib.
+On mixture-of-experts families the MLP neurons are the (expert, neuron) pairs of the experts routed at the
+position, each writing its sub-update w_e a_{e,n} value_{e,n} (`MLPParts`).
 """
 from __future__ import annotations
 
@@ -619,7 +621,11 @@ def visit_graph(trace, position: int = -1, layers=None, n_heads: int = 10, n_mem
     heads with the largest |O_h| (before W_O): the query direction W_K,g(h) q_h, the top `n_memory`
     memory entries j by A_h[t, j] (key node W_Q,h k_j, value node v_j W_O,h) and the head output
     O_h W_O,h; the W_O neurons and MLP neurons (n_*_top largest, n_*_bottom smallest signed
-    activation * |row|); bias nodes where the family has biases. Parallel blocks have no
+    activation * |row|); bias nodes where the family has biases. On mixture-of-experts families the MLP
+    neurons are chosen among the (expert, neuron) pairs of the experts routed at `position`, scored by
+    a_{e,n} * |w_e value_{e,n}| (the signed norm of the sub-update; router weight w_e folded into the value
+    node's vector); their nodes are "L{l}.E{e}.key{n}" / "L{l}.E{e}.value{n}" with fields expert,
+    router_weight and name "L{l}E{e} #{n}" (dense neurons: name "L{l} #{n}"). Parallel blocks have no
     residual_after_attn node: both norms read block_input (one shared LN node where the adapter names
     a single norm). Query/key directions are labelled approx under RoPE.
 
@@ -627,8 +633,8 @@ def visit_graph(trace, position: int = -1, layers=None, n_heads: int = 10, n_mem
     "target_id", "layers", "parallel", "approx_qk", "scales", "nodes", "edges"}. A node: {"id", "kind", "layer",
     "head", "label" (top-1 token; the bottom-1 token for neurons with negative activation), "top"
     ([{"token", "id", "prob"}] * k), "target_rank" (0 = most probable), "target_prob", "entropy" (bits),
-    "norm", and kind-specific fields (position, token, attention, neuron, activation, score, approx,
-    note, bottom, key / value / gate hover projections)}. An edge: {"source", "target", "weight"
+    "norm", and kind-specific fields (position, token, attention, neuron, expert, router_weight, name,
+    activation, score, approx, note, bottom, key / value / gate hover projections)}. An edge: {"source", "target", "weight"
     (VISIT's width rules, `DEFAULT_SCALES`), "kind", "meaning", optional sign / attention / activation
     / filter (the LN semantic filter numbers on "ln" edges)}.
     """
