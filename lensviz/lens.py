@@ -162,12 +162,14 @@ class Lens:
             return getattr(self.model.get_submodule(path), name).detach().to("cpu", copy=True)
 
     def expert_weight(self, layer: int, expert: int, part: str, name: str = "weight", *,
-                      device="cpu") -> torch.Tensor | None:
+                      device="cpu", copy: bool = True) -> torch.Tensor | None:
         """One expert's slice of a mixture-of-experts parameter, detached, copied to `device` (default
         CPU); loads offloaded weights (every per-expert lens and patch reads expert weights through here).
         part "mlp_in": expert `expert`'s fused gate/up FF1, "mlp_out": its FF2; name "weight" (the slice
         in the adapter's `expert_layout`: Mixtral / Qwen3-MoE [out, in], gpt-oss [in, out]) or "bias"
-        (None where the family's experts have no biases). LensvizError on dense families."""
+        (None where the family's experts have no biases). copy=False: no copy where the slice already
+        lives on `device` (a read-only view of the parameter, for computing with it). LensvizError on
+        dense families."""
         ad = self.adapter
         if not ad.moe:
             raise LensvizError(f"{ad.family} has a dense MLP: there are no experts (use Lens.weight)")
@@ -181,7 +183,7 @@ class Lens:
         with materialized(self.model, path):
             w, b = ad.expert_matrix(self.model.get_submodule(path), expert, part)
             t = w if name == "weight" else b
-            return None if t is None else t.detach().to(device, copy=True)
+            return None if t is None else t.detach().to(device, copy=copy)
 
     def param(self, layer: int, part: str, name: str = "weight") -> torch.Tensor | None:
         """Like `weight` but None where the part or parameter does not exist (e.g. a missing bias)."""

@@ -191,4 +191,8 @@ def test_offloaded_moe_per_expert_lenses_match_plain(family, tmp_path, tiny_toke
                   lv.ShiftEdit(1, 0.8, expert=e)):
         close(disp.trace(PROMPT, target=TARGET, patches=[patch]).logits,
               plain.trace(PROMPT, target=TARGET, patches=[patch]).logits, 0.0)
+    view = plain.expert_weight(1, 0, "mlp_out", copy=False)  # in memory: a view of the parameter, no copy
+    assert view.data_ptr() == ex.experts_of(plain, 1).down_proj[0].data_ptr()
+    assert plain.expert_weight(1, 0, "mlp_out").data_ptr() != view.data_ptr()
+    close(disp.expert_weight(1, 0, "mlp_out", copy=False), view, 0.0)  # offloaded: loaded from disk
     assert all(p.device.type == "meta" for m in experts for p in m.parameters())  # still offloaded

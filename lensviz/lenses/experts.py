@@ -45,12 +45,14 @@ def experts_of(lens, layer: int):
     return lens.adapter.blocks_of(lens.model)[layer].get_submodule(lens.adapter.experts)
 
 
-def value_vectors(lens, layer: int, expert: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(values [F, D], bias [D] or None) of one expert, detached on `device` (default CPU), read through
-    `Lens.expert_weight` (offloaded weights are loaded)."""
+def value_vectors(lens, layer: int, expert: int, device=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(values [F, D], bias [D] or None) of one expert, detached, read through `Lens.expert_weight`
+    (offloaded weights are loaded): device None, copies on CPU; a device, read-only views where the
+    weights already live there (for computing with them)."""
     e = check_expert(lens, expert)
-    w = lens.expert_weight(layer, e, "mlp_out", device=device)
-    return lens.adapter.expert_values(w), lens.expert_weight(layer, e, "mlp_out", "bias", device=device)
+    kw = {"device": "cpu"} if device is None else {"device": device, "copy": False}
+    w = lens.expert_weight(layer, e, "mlp_out", **kw)
+    return lens.adapter.expert_values(w), lens.expert_weight(layer, e, "mlp_out", "bias", **kw)
 
 
 def value_norms(lens, layer: int) -> torch.Tensor:
@@ -70,8 +72,8 @@ def expert_keys(lens, layer: int, expert: int) -> torch.Tensor:
 def expert_ff1(lens, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
     """h [n, F1]: expert e's fused gate/up outputs for inputs x [n, D], computed where x is."""
     e = check_expert(lens, expert)
-    w = lens.expert_weight(layer, e, "mlp_in", device=x.device)
-    return lens.adapter.expert_ff1(w, lens.expert_weight(layer, e, "mlp_in", "bias", device=x.device), x)
+    w = lens.expert_weight(layer, e, "mlp_in", device=x.device, copy=False)
+    return lens.adapter.expert_ff1(w, lens.expert_weight(layer, e, "mlp_in", "bias", device=x.device, copy=False), x)
 
 
 def expert_activation(lens, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:

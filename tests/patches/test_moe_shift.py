@@ -121,6 +121,16 @@ def test_expert_shift_edit_refusals(lenses):
     with pytest.raises(lv.LensvizError, match="dense MLP"):
         dense.trace(PROMPT, target=TARGET, patches=[lv.ShiftEdit(1, 0.5, expert=0)])
     dense.trace(PROMPT, target=TARGET, patches=[lv.ShiftEdit(1, 0.5)])  # dense families keep their ShiftEdit
+    # Lens.expert_weight, the one path to expert parameters, validates its address
+    for call, match in ((lambda: dense.expert_weight(0, 0, "mlp_out"), "dense MLP"),
+                        (lambda: lens.expert_weight(0, 4, "mlp_out"), "expert"),
+                        (lambda: lens.expert_weight(0, True, "mlp_out"), "expert"),
+                        (lambda: lens.expert_weight(9, 0, "mlp_out"), "layer"),
+                        (lambda: lens.expert_weight(0, 0, "mlp_gate"), "mlp_in"),
+                        (lambda: lens.expert_weight(0, 0, "mlp_out", "scale"), "weight")):
+        with pytest.raises(lv.LensvizError, match=match):
+            call()
+    assert lens.expert_weight(0, 0, "mlp_in", "bias") is None  # Mixtral's experts have no biases
 
 
 class Boom(RuntimeError):
