@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import torch
 
 from .. import vocab
-from . import experts
 from ..checks import check_index, check_index_list, check_int, check_layer_list
 from ..errors import LensvizError
+from . import experts
 
 ROPE_NOTE = "approx (RoPE ignored)"
 QK_NORM_NOTE = "approx (q/k norms ignored)"
