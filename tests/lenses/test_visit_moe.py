@@ -55,12 +55,13 @@ def hf_activation(lens, layer, e, x):
     """Expert e's FF2 input a_e(x) at one token x [D], from HF's experts module by autograd (its output is
     a @ W_down,e (+ b), so d output[0] / d W_down,e holds a in the slot of output 0)."""
     down = experts_module(lens, layer).down_proj
+    flag = down.requires_grad
     down.requires_grad_(True)
     try:
         out = experts_module(lens, layer)(x[None], torch.tensor([[e]]), torch.ones(1, 1, dtype=x.dtype))
         (grad,) = torch.autograd.grad(out[0, 0], down)
     finally:
-        down.requires_grad_(False)
+        down.requires_grad_(flag)
     # Mixtral / Qwen3-MoE down_proj [E, D, F] (row 0 = output 0); gpt-oss (the one with biases) [E, F, D]
     return grad[e][:, 0] if hasattr(experts_module(lens, layer), "down_proj_bias") else grad[e, 0]
 
