@@ -310,8 +310,9 @@ def _applies(a, suite_names, qk_normed) -> str:
     if a.moe:
         out = ["all; the MLP lenses work per expert with `expert=e` (Backward Lens tables, weight gradients, "
                "imprint and shift; value vectors, sub-updates w·a·v, top sub-updates, debugger view, value index; "
-               "FFN keys) and `NeuronPatch(expert=e)`; VISIT's MLP nodes, `ShiftEdit` and the Explorer's neuron "
-               "value search need one dense MLP and raise LensvizError"]
+               "FFN keys), as do `NeuronPatch(expert=e)` and `ShiftEdit(expert=e)`; VISIT's MLP nodes (and the "
+               "Explorer's flow graph) are the (expert, neuron) pairs of the routed experts; their weights are read "
+               "through `Lens.expert_weight`, so offloaded experts are paged in"]
     else:
         out = ["all"]
     if set(suite_names) & qk_normed:

@@ -161,6 +161,30 @@ class Lens:
         with materialized(self.model, path):
             return getattr(self.model.get_submodule(path), name).detach().to("cpu", copy=True)
 
+    def expert_weight(self, layer: int, expert: int, part: str, name: str = "weight", *,
+                      device="cpu", copy: bool = True) -> torch.Tensor | None:
+        """One expert's slice of a mixture-of-experts parameter, detached, copied to `device` (default
+        CPU); loads offloaded weights (every per-expert lens and patch reads expert weights through here).
+        part "mlp_in": expert `expert`'s fused gate/up FF1, "mlp_out": its FF2; name "weight" (the slice
+        in the adapter's `expert_layout`: Mixtral / Qwen3-MoE [out, in], gpt-oss [in, out]) or "bias"
+        (None where the family's experts have no biases). copy=False: no copy where the slice already
+        lives on `device` (a read-only view of the parameter, for computing with it). LensvizError on
+        dense families."""
+        ad = self.adapter
+        if not ad.moe:
+            raise LensvizError(f"{ad.family} has a dense MLP: there are no experts (use Lens.weight)")
+        layer = check_index(layer, self.n_layers, "layer")
+        if isinstance(expert, bool) or not isinstance(expert, int):
+            raise LensvizError(f"expert must be an int expert index, got {expert!r}")
+        expert = check_index(expert, ad.n_experts(self.model.config), "expert")
+        if name not in ("weight", "bias"):
+            raise LensvizError(f"name must be 'weight' or 'bias', got {name!r}")
+        path = f"{ad.blocks}.{layer}.{ad.experts}"
+        with materialized(self.model, path):
+            w, b = ad.expert_matrix(self.model.get_submodule(path), expert, part)
+            t = w if name == "weight" else b
+            return None if t is None else t.detach().to(device, copy=copy)
+
     def param(self, layer: int, part: str, name: str = "weight") -> torch.Tensor | None:
         """Like `weight` but None where the part or parameter does not exist (e.g. a missing bias)."""
         if getattr(self.adapter, part, None) is None:

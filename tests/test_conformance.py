@@ -592,32 +592,36 @@ def test_every_lens_works_or_names_what_blocks_it(family, runs):
         assert "parallel" in refused.pop("activation_patch")
     if CONFIGS[family].get("moe"):
         assert refused and all("mixture-of-experts" in m for m in refused.values()), refused
-        # what still needs one MLP matrix: the dense calls above that name no expert, VISIT's MLP nodes and
-        # ShiftEdit (both read trace.mlp_activations); the Explorer's value search answers per expert
-        assert set(refused) == {"imprint_tokens", "project_values", "ffn_projections", "visit_graph",
-                                "payload_flow", "shift_edit"}, refused
+        # what still needs one MLP matrix: the calls above that name no expert (each has a per-expert form);
+        # VISIT's MLP nodes, the Explorer's flow graph and value search work per routed expert
+        assert set(refused) == {"imprint_tokens", "project_values", "ffn_projections", "shift_edit"}, refused
         e = int(tr.router(0)[0][-1, 0])
+        e1 = int(tr.router(1)[0][-1, 0])  # routed at the last position of layer 1 (ShiftEdit's x_T)
         for name, call in {"imprint_tokens": lambda: bl.imprint_tokens(tr, 0, expert=e),
                            "project_values": lambda: neurons.project_values(lens, 0, [0, 1], expert=e),
                            "ffn_projections": lambda: embedding_space.ffn_projections(lens, 0, k=5, expert=e),
                            "backward_lens": lambda: bl.backward_lens(tr, expert=e),
-                           "shift_tokens": lambda: bl.shift_tokens(tr, 0, expert=e)}.items():
+                           "shift_tokens": lambda: bl.shift_tokens(tr, 0, expert=e),
+                           "shift_edit": lambda: lens.trace(PROMPT, target=TARGET,
+                                                            patches=[lv.ShiftEdit(1, 0.5, expert=e1)])}.items():
             call()  # the per-expert forms work
     else:
         assert refused == {}
 
 
-@pytest.mark.parametrize("family", [f for f in FAMILIES if not CONFIGS[f].get("moe")])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_visit_parts_sum_to_the_block(family, runs):  # row 16 through the VISIT decomposition
     from lensviz.lenses import visit
 
     lens, tr, _ = runs(family)
+    k = lens.model.config.num_experts_per_tok if CONFIGS[family].get("moe") else 1  # MoE: the routed experts' neurons
     for layer in range(lens.n_layers):
         v = visit.block_vectors(tr, layer)
         total = v["block_input"] + v["attn_output"] + v["mlp_output"]
         assert rel(total, v["block_output"]) < tol(family)
         mlp = visit.mlp_parts(tr, layer)
-        assert mlp.keys.shape == mlp.values.shape == (lens.d_mlp, lens.d_model)
+        assert mlp.keys.shape == mlp.values.shape == (k * lens.d_mlp, lens.d_model)
+        assert (mlp.experts is None) == (k == 1)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -819,7 +823,7 @@ def test_expert_backward_lens_tables_and_readouts(family, runs):
     keys = torch.cat(lens.adapter.split_gate_up(ex.expert_keys(lens, 1, e).T), dim=-1)  # [D, 2F] gate | up
     gate, up = es.ffn_keys(lens, 1, "mlp_gate", expert=e), es.ffn_keys(lens, 1, "mlp_in", expert=e)
     assert torch.equal(keys, torch.cat([gate.T, up.T], dim=-1))
-    b = lens.adapter.expert_matrix(ex.experts_of(lens, 1), e, "mlp_in")[1]
+    b = lens.expert_weight(1, e, "mlp_in", "bias")
     h = f.x @ ex.expert_keys(lens, 1, e).T + (0 if b is None else b.detach())
     assert rel(h, f.h) < 1e-12
     # dense-only calls name the property; dense families refuse expert=

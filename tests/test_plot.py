@@ -231,6 +231,26 @@ def test_flow_graph(family, tmp_path):
     assert ("L2 residual_after_attn" in ticks) == (family != "gpt_neox")  # parallel block: no mid residual
 
 
+def test_flow_graph_on_moe(tmp_path):
+    """Mixture of experts (tiny float64 Mixtral): the MLP nodes are the routed experts' neurons, all drawn."""
+    from lensviz.lenses.visit import visit_graph
+    from tests.test_conformance import build
+
+    lens = lv.Lens(build("mixtral"), models.tokenizer())
+    tr = lens.trace(PROMPT, target=" Florence")
+    fig = plot.flow_graph(tr, layers=[1, 2])
+    saved(fig, tmp_path, "flow_mixtral")
+    ax = fig.axes[0]
+    g = visit_graph(tr, layers=[1, 2], **plot.FLOW_DEFAULTS)
+    for layer in (1, 2):
+        mlp = [n for n in g["nodes"] if n["kind"] == "mlp_value" and n["layer"] == layer]
+        assert len(mlp) == 9 and {n["expert"] for n in mlp} <= set(tr.router(layer)[0][-1].tolist())
+    points = sum(len(c.get_offsets()) for c in ax.collections[1:])
+    assert points == len(g["nodes"])
+    assert sorted(x.get_text() for x in ax.texts) == sorted(plot.token_label(n["label"], 10) for n in g["nodes"])
+    assert len(ax.collections[0].get_segments()) == len([e for e in g["edges"] if e["kind"] != "layout"])
+
+
 # experiments and weights ------------------------------------------------------------------------------
 def test_patch_sweep(tmp_path):
     etas = [-2.0, -1.0, 0.0, 1.0, 2.0]

@@ -248,18 +248,19 @@ class Adapter:
     # mixture-of-experts maths (expert e of a block's experts module) -----------------------------------
     def expert_matrix(self, experts, e: int, part: str):
         """(weight, bias or None) of expert e's FF1 ("mlp_in", its fused [gate | up] matrix) or FF2
-        ("mlp_out") in the `expert_layout` of one slice, as views of the experts module's parameters."""
+        ("mlp_out") in the `expert_layout` of one slice, as views of the experts module's parameters (these
+        may sit on the meta device when offloaded: read them through `Lens.expert_weight`, which loads them)."""
         if part not in ("mlp_in", "mlp_out"):
             raise LensvizError(f"an expert's matrices are 'mlp_in' (its fused gate/up) and 'mlp_out', got {part!r}")
         w_name, b_name = self.expert_params[:2] if part == "mlp_in" else self.expert_params[2:]
         bias = None if b_name is None else getattr(experts, b_name)[e]
         return getattr(experts, w_name)[e], bias
 
-    def expert_ff1(self, experts, e: int, x: torch.Tensor) -> torch.Tensor:
-        """h = FF1_e(x): expert e's fused gate/up outputs [n, F1] of inputs x [n, D]."""
-        w, b = self.expert_matrix(experts, e, "mlp_in")
-        h = x @ self.as_in_out(w, self.expert_layout).to(x.dtype)
-        return h if b is None else h + b.to(x.dtype)
+    def expert_ff1(self, weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        """h = FF1_e(x): an expert's fused gate/up outputs [n, F1] of inputs x [n, D], from its FF1 slice
+        `weight` (in `expert_layout`) and bias [F1] or None (`Lens.expert_weight(layer, e, "mlp_in")`)."""
+        h = x @ self.as_in_out(weight, self.expert_layout).to(x.dtype)
+        return h if bias is None else h + bias.to(x.dtype)
 
     def split_gate_up(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate, up) parts [..., F] of an expert's fused FF1 features h [..., 2F] (last axis)."""
@@ -267,15 +268,10 @@ class Adapter:
             return h[..., ::2], h[..., 1::2]
         return h.chunk(2, dim=-1)
 
-    def expert_activation(self, experts, e: int, x: torch.Tensor) -> torch.Tensor:
-        """a_e(x) [n, F]: expert e's neuron activations (the input of its FF2) for inputs x [n, D]."""
-        return self.expert_act(experts, self.expert_ff1(experts, e, x))
-
-    def expert_values(self, experts, e: int):
-        """(values [F, D], bias [D] or None): expert e's value vectors (FF2 in [in, out] orientation) and
-        FF2 bias, so that the expert's output is a_e @ values + bias."""
-        w, b = self.expert_matrix(experts, e, "mlp_out")
-        return self.as_in_out(w, self.expert_layout), b
+    def expert_values(self, weight: torch.Tensor) -> torch.Tensor:
+        """values [F, D]: an expert's value vectors (FF2 in [in, out] orientation) from its FF2 slice `weight`
+        (in `expert_layout`), so that the expert's output is a_e @ values + bias."""
+        return self.as_in_out(weight, self.expert_layout)
 
     def require_dense_mlp(self, what: str) -> None:
         """LensvizError for `what` (a lens or patch needing single MLP matrices) on MoE families."""

@@ -5,8 +5,11 @@ router choosing top-k experts per token; capture records the router's choice and
 (`Trace.router(layer)`). Expert e's neurons: a_e(x) = act(x W_gate,e) * (x W_up,e) (gpt-oss: its clamped
 GLU (up + 1) * gate * sigmoid(alpha * gate) with biases), values = the rows of W_down,e; the MLP output
 is sum over the token's k experts of w_e * (a_e W_down,e + b_e) (lensviz.lenses.experts), and
-NeuronPatch(expert=e) edits one expert's neurons. Neuron views, sub-updates, value search and the
-Backward Lens take expert=e (a sub-update is router weight x activation x value vector). Adapter data:
+NeuronPatch(expert=e) edits one expert's neurons and ShiftEdit(expert=e) previews an edit of one expert's FF2.
+Neuron views, sub-updates, value search and the Backward Lens take expert=e (a sub-update is router weight x
+activation x value vector); VISIT's MLP nodes (the Explorer's flow graph) are the (expert, neuron) pairs of
+the experts routed at the position. Expert parameters are read through `Lens.expert_weight` (which loads
+offloaded weights), the maths below applied to them. Adapter data:
 `expert_params` (the [E, ...] parameters of FF1 / FF2 and their biases), `expert_layout` (one slice's
 layout: [out, in] "linear" for Mixtral / Qwen3-MoE, [in, out] "conv1d" for gpt-oss), `expert_gate_up`
 (where gate and up sit in the fused FF1) and `expert_act` (FF1 outputs -> neuron activations).

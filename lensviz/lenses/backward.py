@@ -263,7 +263,8 @@ def _expert_weight_gradient(trace, layer: int, part: str, expert: int) -> Weight
     grad_in_out = x.T @ delta  # [in, out]
     ad = trace.adapter
     weight = grad_in_out if ad.expert_layout == "conv1d" else grad_in_out.T.contiguous()
-    w, b = ad.expert_matrix(ex.experts_of(trace.lens, layer), f.expert, part)
+    w = trace.lens.expert_weight(layer, f.expert, part)
+    b = trace.lens.expert_weight(layer, f.expert, part, "bias")
     if tuple(weight.shape) != tuple(w.shape):
         raise LensvizError(f"expert {f.expert} {part} of layer {layer}: rebuilt gradient has shape "
                            f"{tuple(weight.shape)} but the weight is {tuple(w.shape)}; the adapter's expert_layout is wrong")

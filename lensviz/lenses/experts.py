@@ -6,7 +6,8 @@ y_e = a_e W_down,e + b_e; the MLP output is sum_e w_{t,e} y_e. So a neuron's sub
 w_{t,e} * a_{e,n} * value_{e,n} (router weight x activation x value vector), and for the Backward Lens
 expert e's FF2 sees the VJP w_{t,e} * delta_t (delta = dL/d MLP output) and FF1 that VJP pulled back
 through the expert's activation; tokens not routed to e contribute nothing to e's gradients.
-Activations are recomputed from `Trace.mlp_input` with the adapter's expert maths, not stored.
+Activations are recomputed from `Trace.mlp_input` with the adapter's expert maths, not stored; every expert
+parameter is read through `Lens.expert_weight`, which loads offloaded (accelerate) weights on demand.
 """
 from __future__ import annotations
 
@@ -44,18 +45,20 @@ def experts_of(lens, layer: int):
     return lens.adapter.blocks_of(lens.model)[layer].get_submodule(lens.adapter.experts)
 
 
-def value_vectors(lens, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(values [F, D], bias [D] or None) of one expert, detached on CPU."""
+def value_vectors(lens, layer: int, expert: int, device=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(values [F, D], bias [D] or None) of one expert, detached, read through `Lens.expert_weight`
+    (offloaded weights are loaded): device None, copies on CPU; a device, read-only views where the
+    weights already live there (for computing with them)."""
     e = check_expert(lens, expert)
-    values, bias = lens.adapter.expert_values(experts_of(lens, layer), e)
-    return values.detach().to("cpu"), None if bias is None else bias.detach().to("cpu")
+    kw = {"device": "cpu"} if device is None else {"device": device, "copy": False}
+    w = lens.expert_weight(layer, e, "mlp_out", **kw)
+    return lens.adapter.expert_values(w), lens.expert_weight(layer, e, "mlp_out", "bias", **kw)
 
 
 def value_norms(lens, layer: int) -> torch.Tensor:
-    """||value_{e,n}|| [E, F] of every expert of a layer (computed where the weights are, returned on CPU)."""
-    module, ad = experts_of(lens, layer), lens.adapter
-    with torch.no_grad():
-        return torch.stack([ad.expert_values(module, e)[0].norm(dim=-1) for e in range(n_experts(lens))]).to("cpu")
+    """||value_{e,n}|| [E, F] of every expert of a layer (computed where the experts compute, on CPU)."""
+    device = module_device(experts_of(lens, layer))
+    return torch.stack([value_vectors(lens, layer, e, device)[0].norm(dim=-1) for e in range(n_experts(lens))]).to("cpu")
 
 
 def expert_keys(lens, layer: int, expert: int) -> torch.Tensor:
@@ -63,8 +66,20 @@ def expert_keys(lens, layer: int, expert: int) -> torch.Tensor:
     detached on CPU: h = x @ keys.T (+ bias)."""
     e = check_expert(lens, expert)
     ad = lens.adapter
-    w, _ = ad.expert_matrix(experts_of(lens, layer), e, "mlp_in")
-    return ad.as_in_out(w, ad.expert_layout).T.detach().to("cpu")
+    return ad.as_in_out(lens.expert_weight(layer, e, "mlp_in"), ad.expert_layout).T
+
+
+def expert_ff1(lens, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
+    """h [n, F1]: expert e's fused gate/up outputs for inputs x [n, D], computed where x is."""
+    e = check_expert(lens, expert)
+    w = lens.expert_weight(layer, e, "mlp_in", device=x.device, copy=False)
+    return lens.adapter.expert_ff1(w, lens.expert_weight(layer, e, "mlp_in", "bias", device=x.device, copy=False), x)
+
+
+def expert_activation(lens, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
+    """a_e(x) [n, F]: expert e's neuron activations (the input of its FF2) for inputs x [n, D], computed
+    where x is (weights through `Lens.expert_weight`, the activation from the adapter's `expert_act`)."""
+    return lens.adapter.expert_act(experts_of(lens, layer), expert_ff1(lens, layer, expert, x))
 
 
 def routing_weight(trace, layer: int, expert: int) -> torch.Tensor:
@@ -105,7 +120,7 @@ def expert_factors(trace, layer: int, expert: int, *, grads: bool = False) -> Ex
     x = trace.mlp_input(layer)[rows].to(device)
     weight = w_all[rows].to(device, x.dtype)
     with torch.no_grad():
-        h = ad.expert_ff1(module, e, x)
+        h = expert_ff1(lens, layer, e, x)
         a = ad.expert_act(module, h)
     out = ExpertFactors(layer, e, rows, x.to("cpu"), h.to("cpu"), a.to("cpu"), weight.to("cpu"))
     if not grads:
@@ -113,9 +128,9 @@ def expert_factors(trace, layer: int, expert: int, *, grads: bool = False) -> Ex
     if not trace.has_backward:
         raise LensvizError("the Backward Lens needs gradients: this trace was run with backward=False")
     delta = trace.mlp_output_grad(layer)[rows].to(device, x.dtype) * weight[:, None]  # [n, D]
-    values, _ = ad.expert_values(module, e)
+    values, _ = value_vectors(lens, layer, e, device)
     with torch.no_grad():
-        d_a = delta @ values.detach().T.to(x.dtype)  # dL/da [n, F]
+        d_a = delta @ values.T.to(x.dtype)  # dL/da [n, F]
         _, vjp = torch.func.vjp(lambda hh: ad.expert_act(module, hh), h)
         d_h = vjp(d_a)[0]
     out.delta_ff2, out.delta_ff1 = delta.to("cpu"), d_h.to("cpu")
@@ -134,7 +149,7 @@ def expert_activations(trace, layer: int) -> tuple[torch.Tensor, torch.Tensor, t
     with torch.no_grad():
         for e in chosen.unique().tolist():
             rows, slots = torch.where(chosen == e)
-            a = trace.adapter.expert_activation(module, e, x[rows].to(device)).to("cpu")
+            a = expert_activation(trace.lens, layer, e, x[rows].to(device)).to("cpu")
             if out is None:
                 out = torch.zeros(*chosen.shape, a.shape[-1], dtype=a.dtype)
             out[rows, slots] = a

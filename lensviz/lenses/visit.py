@@ -2,6 +2,8 @@
 Transformers"): one forward pass at one position as a flow graph of residual
 vectors read through the vocabulary projection. Block/head decompositions, exact QK bilinear forms, W_O and
 MLP neurons, the LN "semantic filter", and `visit_graph`, JSON-ready nodes and edges for widget and matplotlib.
+On mixture-of-experts families the MLP neurons are the (expert, neuron) pairs of the experts routed at the
+position, each writing its sub-update w_e a_{e,n} value_{e,n} (`MLPParts`).
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import torch
 from .. import vocab
 from ..checks import check_index, check_index_list, check_int, check_layer_list
 from ..errors import LensvizError
+from . import experts
 
 ROPE_NOTE = "approx (RoPE ignored)"
 QK_NORM_NOTE = "approx (q/k norms ignored)"
@@ -121,6 +124,13 @@ class MLPParts:
     output [D]: sum_n a_n values[n] + bias_out, the MLP's write to the residual. In families whose MLP
     output passes a post-norm (frozen at this run's scale) or a residual multiplier before the add,
     values and bias_out already carry that factor at this position (`Trace.write_scale`).
+
+    Mixture-of-experts families: the neurons are the (expert, neuron) pairs of the k experts routed at this
+    position, F = k * F_e rows in the router's order (expert experts[i], neuron neurons[i]). activation:
+    a_{e,n}; keys / gate_keys: the up / gate rows of the expert's fused FF1 (bias_in: its up bias or None);
+    values: w_e value_{e,n}, the router weight w_e folded in (like the write scale), so a_n values[n] is
+    the neuron's sub-update w_e a_{e,n} value_{e,n} (`experts.expert_parts`); bias_out: sum_e w_e b_e or
+    None. experts, neurons [F] (long) and weights [F] (w_e of each row): None on dense MLPs.
     """
 
     layer: int
@@ -132,12 +142,18 @@ class MLPParts:
     bias_in: torch.Tensor | None
     bias_out: torch.Tensor | None
     output: torch.Tensor
+    experts: torch.Tensor | None = None
+    neurons: torch.Tensor | None = None
+    weights: torch.Tensor | None = None
 
 
 def mlp_parts(trace, layer: int, position: int = -1) -> MLPParts:
-    """Decompose the MLP output of `layer` at `position` into neurons (see `MLPParts`)."""
+    """Decompose the MLP output of `layer` at `position` into neurons (see `MLPParts`; on mixture-of-experts
+    families the neurons of the experts routed there)."""
     lens = trace.lens
     layer, t = _layer(trace, layer), _position(trace, position)
+    if lens.adapter.moe:
+        return _expert_mlp_parts(trace, layer, t)
     a = trace.mlp_activations(layer)[t]
     as_in_out = lens.adapter.as_in_out
     keys = as_in_out(lens.weight(layer, "mlp_in")).T.to(a.dtype)  # [F, D] ([2F, D] fused gate | up)
@@ -154,6 +170,31 @@ def mlp_parts(trace, layer: int, position: int = -1) -> MLPParts:
     b_out = None if b_out is None else b_out.to(a.dtype) * scale
     out = a @ values
     return MLPParts(layer, t, a, keys, gate, values, b_in, b_out, out if b_out is None else out + b_out)
+
+
+def _expert_mlp_parts(trace, layer: int, t: int) -> MLPParts:
+    """`mlp_parts` of a mixture-of-experts MLP: the routed experts' neurons, router weights folded into values."""
+    lens = trace.lens
+    ad = lens.adapter
+    p = experts.expert_parts(trace, layer, t)
+    k, f = p.activations.shape
+    dtype = p.activations.dtype
+    scale = _write_scale(trace, layer, "mlp", t)
+    ups, gates, b_ins = [], [], []
+    for e in p.experts.tolist():
+        gate, up = ad.split_gate_up(experts.expert_keys(lens, layer, e).T)  # [D, F] each
+        gates.append(gate.T.to(dtype))
+        ups.append(up.T.to(dtype))
+        b = lens.expert_weight(layer, e, "mlp_in", "bias")
+        b_ins.append(None if b is None else ad.split_gate_up(b)[1].to(dtype))
+    values = (p.weights[:, None, None] * p.values * scale).reshape(k * f, -1)  # [k F, D]
+    a = p.activations.reshape(-1)
+    b_out = None if p.bias is None else (p.weights[:, None] * p.bias).sum(0) * scale
+    out = a @ values
+    return MLPParts(layer, t, a, torch.cat(ups), torch.cat(gates), values,
+                    None if b_ins[0] is None else torch.cat(b_ins), b_out, out if b_out is None else out + b_out,
+                    experts=p.experts.repeat_interleave(f), neurons=torch.arange(f).repeat(k),
+                    weights=p.weights.repeat_interleave(f))
 
 
 def block_vectors(trace, layer: int, position: int = -1, *, attn: AttentionParts | None = None,
@@ -248,13 +289,17 @@ def _qk_forms(trace, layer: int, t: int, x: torch.Tensor) -> QKForms:
 class NeuronSelection:
     """Neurons picked by signed score = activation * |row|: the n_top largest, then the n_bottom smallest
     of the rest. indices, activation, norm, score: [n] (top ones first, each group in score order);
-    rows [n, D]: the residual-space vectors the neurons write (W_O rows or FF2 values)."""
+    rows [n, D]: the residual-space vectors the neurons write (W_O rows or FF2 values). MLP neurons of a
+    mixture-of-experts layer: indices are rows of `MLPParts`, experts / neurons [n] (long) the (expert,
+    neuron) pair of each (None otherwise); their score is the signed norm of the sub-update w_e a_{e,n} value_{e,n}."""
 
     indices: torch.Tensor
     activation: torch.Tensor
     norm: torch.Tensor
     score: torch.Tensor
     rows: torch.Tensor
+    experts: torch.Tensor | None = None
+    neurons: torch.Tensor | None = None
 
 
 def _select(activation: torch.Tensor, rows: torch.Tensor, n_top: int, n_bottom: int) -> NeuronSelection:
@@ -283,9 +328,13 @@ def wo_neurons(trace, layer: int, position: int = -1, n_top: int = 18, n_bottom:
 
 def mlp_neurons(trace, layer: int, position: int = -1, n_top: int = 18, n_bottom: int = 7, *,
                 mlp: MLPParts | None = None) -> NeuronSelection:
-    """MLP neurons scored by a_n * |value_n|; rows are the values (FF2 rows) [n, D]."""
+    """MLP neurons scored by a_n * |value_n|; rows are the values (FF2 rows) [n, D]. Mixture-of-experts
+    layers: the neurons of the experts routed at `position`, scored by a_{e,n} * |w_e value_{e,n}|."""
     mlp = mlp if mlp is not None else mlp_parts(trace, layer, position)
-    return _select(mlp.activation, mlp.values, check_int(n_top, "n_top"), check_int(n_bottom, "n_bottom"))
+    sel = _select(mlp.activation, mlp.values, check_int(n_top, "n_top"), check_int(n_bottom, "n_bottom"))
+    if mlp.experts is not None:
+        sel.experts, sel.neurons = mlp.experts[sel.indices], mlp.neurons[sel.indices]
+    return sel
 
 
 # ------------------------------------------------------------------------------------------------
@@ -516,22 +565,37 @@ def _attention_subgraph(g: _GraphBuilder, trace, layer: int, t: int, attn: Atten
         g.edge(bias, ids["attn_output"], float(attn.bias.norm()), "bias", "|b_O|")
 
 
+def neuron_name(layer: int, neuron: int, expert: int | None = None) -> str:
+    """A neuron's display name: "L{layer} #{neuron}", on mixture-of-experts layers "L{layer}E{expert} #{neuron}"."""
+    return f"L{layer} #{neuron}" if expert is None else f"L{layer}E{expert} #{neuron}"
+
+
 def _mlp_subgraph(g: _GraphBuilder, layer: int, mlp: MLPParts, ids: dict, n_mlp: tuple, s: dict,
                   trace) -> None:
-    """mlp_input -> key_n -> value_n -> mlp_output for the selected neurons, plus bias nodes."""
+    """mlp_input -> key_n -> value_n -> mlp_output for the selected neurons, plus bias nodes (on
+    mixture-of-experts layers the neurons are (expert, neuron) pairs of the routed experts)."""
     p = f"L{layer}."
     sel = mlp_neurons(trace, layer, mlp.position, *n_mlp, mlp=mlp)
-    for n, act, score in zip(sel.indices.tolist(), sel.activation.tolist(), sel.score.tolist()):
-        key = g.node(f"{p}key{n}", "mlp_key", mlp.keys[n], layer=layer, neuron=n, activation=act)
+    for i, (row, act, score) in enumerate(zip(sel.indices.tolist(), sel.activation.tolist(), sel.score.tolist())):
+        if sel.experts is None:
+            n, where, q = row, {}, p
+        else:
+            e, n = int(sel.experts[i]), int(sel.neurons[i])
+            where, q = {"expert": e, "router_weight": float(mlp.weights[row])}, f"{p}E{e}."
+        name = neuron_name(layer, n, where.get("expert"))
+        key = g.node(f"{q}key{n}", "mlp_key", mlp.keys[row], layer=layer, neuron=n, activation=act, name=name,
+                     **where)
         if mlp.gate_keys is not None:
-            g.extra(key, "gate", mlp.gate_keys[n])
-        val = g.node(f"{p}value{n}", "mlp_value", mlp.values[n], layer=layer, neuron=n, activation=act,
-                     score=score, negative=act < 0)
+            g.extra(key, "gate", mlp.gate_keys[row])
+        val = g.node(f"{q}value{n}", "mlp_value", mlp.values[row], layer=layer, neuron=n, activation=act,
+                     score=score, negative=act < 0, name=name, **where)
         sign = 1 if act >= 0 else -1
         g.edge(ids["mlp_input"], key, s["fixed"], "mlp_key", "fixed")
         g.edge(key, val, s["mlp_activation"] * abs(act), "activation", f"{s['mlp_activation']} * |a_n|",
                sign=sign, activation=act)
-        g.edge(val, ids["mlp_output"], abs(score), "mlp_value", "|a_n * |value_n||", sign=sign)
+        g.edge(val, ids["mlp_output"], abs(score), "mlp_value",
+               "|a_n * |value_n||" if sel.experts is None else "|a_n * |w_e value_n|| (the sub-update's norm)",
+               sign=sign)
     b_in = b_out = None
     if mlp.bias_in is not None:
         b_in = g.node(p + "mlp_in_bias", "bias", mlp.bias_in @ mlp.values, layer=layer, part="mlp_in",
@@ -557,7 +621,11 @@ def visit_graph(trace, position: int = -1, layers=None, n_heads: int = 10, n_mem
     heads with the largest |O_h| (before W_O): the query direction W_K,g(h) q_h, the top `n_memory`
     memory entries j by A_h[t, j] (key node W_Q,h k_j, value node v_j W_O,h) and the head output
     O_h W_O,h; the W_O neurons and MLP neurons (n_*_top largest, n_*_bottom smallest signed
-    activation * |row|); bias nodes where the family has biases. Parallel blocks have no
+    activation * |row|); bias nodes where the family has biases. On mixture-of-experts families the MLP
+    neurons are chosen among the (expert, neuron) pairs of the experts routed at `position`, scored by
+    a_{e,n} * |w_e value_{e,n}| (the signed norm of the sub-update; router weight w_e folded into the value
+    node's vector); their nodes are "L{l}.E{e}.key{n}" / "L{l}.E{e}.value{n}" with fields expert,
+    router_weight and name "L{l}E{e} #{n}" (dense neurons: name "L{l} #{n}"). Parallel blocks have no
     residual_after_attn node: both norms read block_input (one shared LN node where the adapter names
     a single norm). Query/key directions are labelled approx under RoPE.
 
@@ -565,8 +633,8 @@ def visit_graph(trace, position: int = -1, layers=None, n_heads: int = 10, n_mem
     "target_id", "layers", "parallel", "approx_qk", "scales", "nodes", "edges"}. A node: {"id", "kind", "layer",
     "head", "label" (top-1 token; the bottom-1 token for neurons with negative activation), "top"
     ([{"token", "id", "prob"}] * k), "target_rank" (0 = most probable), "target_prob", "entropy" (bits),
-    "norm", and kind-specific fields (position, token, attention, neuron, activation, score, approx,
-    note, bottom, key / value / gate hover projections)}. An edge: {"source", "target", "weight"
+    "norm", and kind-specific fields (position, token, attention, neuron, expert, router_weight, name,
+    activation, score, approx, note, bottom, key / value / gate hover projections)}. An edge: {"source", "target", "weight"
     (VISIT's width rules, `DEFAULT_SCALES`), "kind", "meaning", optional sign / attention / activation
     / filter (the LN semantic filter numbers on "ln" edges)}.
     """

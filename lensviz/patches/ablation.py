@@ -8,6 +8,7 @@ import torch
 
 from ..checks import check_index, check_index_list, check_number, check_positions
 from ..errors import LensvizError
+from ..lenses.experts import expert_activation, value_vectors
 from ..lenses.neurons import top_sub_updates
 from .base import Patch, check_heads
 
@@ -122,7 +123,8 @@ class NeuronPatch(Patch):
     def _install_expert(self, ctx, layer, neurons, value, positions):
         """A forward hook on the experts module: out[t] += w_e (a'_e(x_t) - a_e(x_t))[neurons] values_e[neurons]
         for the tokens t routed to expert e (and in `positions`)."""
-        ad, e = ctx.adapter, check_index(self.expert, ctx.adapter.n_experts(ctx.model.config), "expert")
+        lens, ad = ctx.lens, ctx.adapter
+        e = check_index(self.expert, ad.n_experts(ctx.model.config), "expert")
         module = ctx.block(layer).get_submodule(ad.experts)
 
         def hook(mod, args, output):
@@ -135,9 +137,9 @@ class NeuronPatch(Patch):
             rows, slots = torch.where(hit)
             if len(rows) == 0:
                 return None
-            a = ad.expert_activation(mod, e, x[rows])[:, neurons]
+            a = expert_activation(lens, layer, e, x[rows])[:, neurons]
             new = a * value if self.mode == "scale" else torch.full_like(a, value)
-            values, _ = ad.expert_values(mod, e)
+            values, _ = value_vectors(lens, layer, e, x.device)
             delta = ((new - a) @ values[neurons]) * weights[rows, slots, None].to(a.dtype)
             return output.index_add(0, rows, delta.to(output.dtype))
 

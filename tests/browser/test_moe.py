@@ -55,3 +55,31 @@ def test_moe_neuron_view_and_toggle(tmp_path, lab, page, artifacts):
     expect(ex.locator(".lv-hit").first).to_be_visible()
     assert re.fullmatch(r"L\d+E\d+ #\d+", ex.locator(".lv-hit .lv-chip").first.inner_text())
     ex.screenshot(path=str(artifacts / "moe-neurons.png"))
+
+
+def test_moe_flow_graph_renders_the_routed_experts(tmp_path, lab, page, artifacts):
+    """The flow tab draws the VISIT graph on MoE: its MLP value nodes are routed experts' neurons, named
+    "L{l}E{e} #{n}" in their hover text, and they are the ones Python's visit graph picks."""
+    from lensviz.views import payload
+
+    write_notebook(tmp_path / "moe_flow.ipynb", CELLS)
+    server = lab(tmp_path)
+    open_notebook(page, server, "moe_flow.ipynb")
+    run_all(page)
+    ex = page.locator(".lv-explorer").first
+    expect(ex.locator(".lv-map-forward")).to_be_visible()
+    ex.locator('.lv-tab[data-tab="flow"]').click()
+    nodes = ex.locator("svg.lv-flow .lv-node-mlp_value")
+    expect(nodes.first).to_be_visible()
+    lens = lv.Lens(build("mixtral"), models.tokenizer())
+    tr = lens.trace(PROMPT, target=" Paris")
+    layer = 2  # the selected layer: the last one, at the last position
+    want = [n for n in payload.flow_graph(tr, len(tr) - 1, [layer])["nodes"] if n["kind"] == "mlp_value"]
+    assert nodes.count() == len(want) == 9
+    got = sorted((int(nodes.nth(i).get_attribute("data-expert")), nodes.nth(i).get_attribute("data-id"))
+                 for i in range(nodes.count()))
+    assert got == sorted((n["expert"], n["id"]) for n in want)
+    assert {e for e, _ in got} <= set(tr.router(layer)[0][-1].tolist())
+    title = nodes.first.locator("title").text_content()
+    assert re.match(rf"mlp_value L{layer}E\d+ #\d+ ", title)
+    ex.screenshot(path=str(artifacts / "moe-flow.png"))

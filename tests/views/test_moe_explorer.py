@@ -1,13 +1,17 @@
 """The Explorer on mixture-of-experts models: the neuron view and the value search name each neuron's
-expert, and a neuron toggle sent by the widget patches that expert's neuron (the same run as
-lens.trace with NeuronPatch(expert=...)). Tiny float64 Mixtral / gpt-oss of the conformance suite."""
+expert, a neuron toggle sent by the widget patches that expert's neuron (the same run as
+lens.trace with NeuronPatch(expert=...)), and the flow graph draws the routed experts' neurons. Tiny
+float64 Mixtral / gpt-oss of the conformance suite."""
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
 
 import lensviz as lv
 from lensviz.lenses.neurons import build_value_index, debugger_view
+from lensviz.lenses.visit import mlp_neurons, visit_graph
 from lensviz.views.explorer import Explorer
 from tests import models
 from tests.conftest import PROMPT
@@ -61,3 +65,27 @@ def test_value_search_hits_carry_their_expert_and_its_tokens(ex):
     first = meta["hits"][0]
     assert first["tokens"] == [t["token"] for t in index.value_tokens(first["layer"], first["dim"],
                                                                       expert=first["expert"])[:6]]
+
+
+def test_flow_graph_renders_the_routed_experts_neurons(ex):
+    """The flow tab on MoE: the VISIT graph's MLP nodes are (expert, neuron) pairs of the experts routed at
+    the position, named L{l}E{e} #{n}, in the Explorer's drawing rows."""
+    ex.tab = "flow"  # a gradient tab
+    ex.wait()
+    assert ex.error == ""
+    position, layers = 5, [1, 2]
+    graph, _ = ex.answer({"what": "flow", "position": position, "layers": layers})
+    json.dumps(graph)
+    assert {n["layer"] for n in graph["nodes"]} == set(layers)
+    ref = visit_graph(ex.trace, position=position, layers=layers, n_heads=4, n_wo_top=4, n_wo_bottom=2,
+                      n_mlp_top=6, n_mlp_bottom=3)
+    assert [n["id"] for n in graph["nodes"]] == [n["id"] for n in ref["nodes"]]
+    for layer in layers:
+        routed = ex.trace.router(layer)[0][position].tolist()
+        sel = mlp_neurons(ex.trace, layer, position, 6, 3)
+        for kind, row in (("mlp_key", 12), ("mlp_value", 13)):
+            mlp = [n for n in graph["nodes"] if n["kind"] == kind and n["layer"] == layer]
+            assert [(n["expert"], n["neuron"]) for n in mlp] == list(zip(sel.experts.tolist(), sel.neurons.tolist()))
+            assert {n["expert"] for n in mlp} <= set(routed) and len(mlp) == 9
+            assert all(n["name"] == f"L{layer}E{n['expert']} #{n['neuron']}" for n in mlp)
+            assert all(n["row"] == layer * 16 + row for n in mlp)

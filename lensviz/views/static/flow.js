@@ -46,13 +46,16 @@ export function mount(ctx, box) {
     }
     for (const n of g.nodes) {
       const [x, y] = pos.get(n.id);
-      const grp = svg("g", { class: "lv-node lv-node-" + (n.kind || ""), transform: `translate(${x},${y})`, "data-id": n.id });
+      const grp = svg("g", { class: "lv-node lv-node-" + (n.kind || ""), transform: `translate(${x},${y})`, "data-id": n.id,
+        ...(n.expert === undefined ? {} : { "data-expert": n.expert }) });
       const vocab = (m.get("summary") || {}).vocab_size || 2;
       const c = svg("circle", { r: 9, fill: n.target_rank === undefined ? maskedColour() : rankColour(n.target_rank, vocab) });
       const label = svg("text", { y: -14, "text-anchor": "middle", class: "lv-node-label" });
       label.textContent = clip(show(n.label ?? ""), 14);
       const t = svg("title");
-      t.textContent = `${n.kind || "node"}${n.layer !== undefined ? " L" + n.layer : ""}${n.head !== undefined && n.head !== null ? " H" + n.head : ""}` +
+      // MLP neurons carry their name ("L1 #5"; on mixture-of-experts models "L1E2 #5", expert 2's neuron 5)
+      const where = n.name ? " " + n.name : `${n.layer !== undefined ? " L" + n.layer : ""}${n.head !== undefined && n.head !== null ? " H" + n.head : ""}`;
+      t.textContent = `${n.kind || "node"}${where}` +
         ` · target rank ${n.target_rank === undefined || n.target_rank === null ? "?" : n.target_rank + 1} (1 = top)\n` + (n.top || []).map((x) => `${show(x.token)} ${(100 * x.prob).toFixed(1)}%`).join("\n");
       grp.append(c, label, t); root.append(grp);
     }
