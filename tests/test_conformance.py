@@ -100,6 +100,12 @@ def _cfg(family: str):
                             max_position_embeddings=64, word_embed_proj_dim=32, do_layer_norm_before=True,
                             bos_token_id=0, eos_token_id=0, pad_token_id=1, dropout=0.0, attention_dropout=0.0,
                             init_std=0.15)
+    if family == "opt350":  # facebook/opt-350m's layout: post-LN blocks, project_in / project_out, no final norm
+        v = models.tokenizer().vocab_size
+        return tf.OPTConfig(vocab_size=v, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, ffn_dim=48,
+                            max_position_embeddings=64, word_embed_proj_dim=16, do_layer_norm_before=False,
+                            bos_token_id=0, eos_token_id=0, pad_token_id=1, dropout=0.0, attention_dropout=0.0,
+                            init_std=0.15)
     if family == "mixtral":
         return tf.MixtralConfig(**_common(num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW,
                                           intermediate_size=16))
@@ -141,6 +147,9 @@ CONFIGS = {
     "stablelm": {"quirks": "LayerNorm, per-head q/k LayerNorms, qkv bias, partial rotary 0.25"},
     "gptj": {"quirks": "parallel block, partial interleaved rotary (rotary_dim 4), lm_head bias"},
     "opt": {"quirks": "learned positions (offset 2), block-level flattened MLP, pre-scaled query, ReLU"},
+    "opt350": {"post_ln": True,
+               "quirks": "post-LayerNorm blocks (the residual renormalised), project_in / project_out "
+                         "(word_embed_proj_dim 16 != hidden 32), no final norm"},
     "mixtral": {"window": True, "moe": True, "quirks": "4 experts top-2 (eager experts), sliding window"},
     "qwen3_moe": {"moe": True, "quirks": "4 experts top-2, q/k norms, norm_topk_prob"},
     "gpt_oss": {"window": True, "moe": True, "sinks": True,

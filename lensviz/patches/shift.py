@@ -34,9 +34,8 @@ class ShiftEdit(Patch):
         lens = ctx.lens
         layer = self.first_layer(lens)
         x_t = ctx.base.mlp_activations(layer)[self.position]  # [F]
-        emb = lens.model.get_input_embeddings()
-        with materialized(lens.model, lens.adapter.embed):
-            e_t = emb.weight[ctx.base.target_id].detach().to("cpu", copy=True)
+        with materialized(lens.model, lens.adapter.embed):  # e_t in residual space (through project_in: OPT-350m)
+            e_t = lens.adapter.embedding_matrix(lens.model)[ctx.base.target_id].to("cpu", copy=True)
         eta = float(self.eta)
 
         def hook(mod, args, output):
