@@ -351,7 +351,7 @@ def test_residuals_and_gradients_equal_autograd(family, runs):  # rows 12, 13, 1
     for layer in range(lens.n_layers):
         assert rel(tr.resid(layer, "pre"), hidden[layer][0].detach()) < 1e-12
         assert rel(tr.resid_grad(layer, "pre"), hidden[layer].grad[0]) < 1e-10
-    final = lens.model.get_submodule(lens.adapter.final_norm)
+    final = lens.model.get_submodule(lens.adapter.final_input)  # the final norm (or what reads the last block)
     with torch.no_grad():
         logits = lens.adapter.vocab_logits(lens.model, tr.resid(-1, "post"))
     assert rel(logits, tr.logits) < 1e-12  # row 14, with the family's head projection and logit transform
@@ -372,8 +372,10 @@ def test_block_decomposes_into_head_and_neuron_writes(family, runs):  # row 16, 
         o_bias = ad.part(model, layer, "o_proj").bias
         attn_write = tr.head_outputs(layer).sum(0)
         if o_bias is not None:
-            attn_write = attn_write + o_bias.detach() * tr.write_scale(layer, "attn")
-        assert rel(pre + attn_write, mid) < tol(family)  # the parts sum to the real write
+            attn_write = attn_write + tr.write(layer, "attn", o_bias.detach().expand(len(tr), -1))
+        carried = tr.carried(layer, "attn")  # the residual itself, or (post-LN) its frozen-LayerNorm image
+        assert torch.equal(carried, pre) != bool(CONFIGS[family].get("post_ln"))
+        assert rel(carried + attn_write, mid) < tol(family)  # the parts sum to the real write
         if CONFIGS[family].get("moe"):
             with torch.no_grad():
                 mlp_out = ad.mlp_module(ad.blocks_of(model)[layer])(tr.mlp_input(layer)[None])
@@ -388,7 +390,7 @@ def test_block_decomposes_into_head_and_neuron_writes(family, runs):  # row 16, 
         w = ad.as_in_out(ad.part(model, layer, "mlp_out").weight.detach())
         b = ad.part(model, layer, "mlp_out").bias
         sub = tr.mlp_activations(layer) @ w + (0 if b is None else b.detach())  # sum_n a_n value_n + b
-        assert rel(mid + sub * tr.write_scale(layer, "mlp"), post) < tol(family)
+        assert rel(tr.carried(layer, "mlp") + tr.write(layer, "mlp", sub), post) < tol(family)
         with torch.no_grad():  # the MLP run on mlp_input gives the same raw output
             raw = ad.mlp_module(ad.blocks_of(model)[layer])(tr.mlp_input(layer))
         assert rel(raw, sub) < 1e-12
@@ -419,7 +421,9 @@ def test_weight_gradients_equal_autograd(family, runs):  # rows 9, 10, 11 and W_
             d_out = tr.resid_grad(layer, "post" if ad.is_parallel(model.config) else "mid")
             if ad.post_attn_norm is not None:
                 norm = block.get_submodule(ad.post_attn_norm)
-                _, vjp = torch.func.vjp(norm, tr.recording.at("attn_y", layer))
+                norm_in = tr.recording.at("attn_y", layer)  # post-LN: the norm reads pre + attention output
+                norm_in = norm_in + tr.resid(layer, "pre") if ad.post_ln else norm_in
+                _, vjp = torch.func.vjp(norm, norm_in)
                 d_out = vjp(d_out)[0]
             d_out = d_out * ad.multiplier(model.config)
             assert rel(ad.as_in_out(ad.part(model, layer, "o_proj").weight.grad), o.T @ d_out) < 1e-10  # row 9
@@ -623,8 +627,12 @@ def test_visit_parts_sum_to_the_block(family, runs):  # row 16 through the VISIT
     lens, tr, _ = runs(family)
     for layer in range(lens.n_layers):
         v = visit.block_vectors(tr, layer)
-        total = v["block_input"] + v["attn_output"] + v["mlp_output"]
-        assert rel(total, v["block_output"]) < tol(family)
+        assert rel(v["mlp_carried"] + v["mlp_output"], v["block_output"]) < tol(family)
+        if not lens.adapter.is_parallel(lens.model.config):
+            assert rel(v["attn_carried"] + v["attn_output"], v["residual_after_attn"]) < tol(family)
+        if not CONFIGS[family].get("post_ln"):  # additive blocks: the carried vectors are the residual itself
+            total = v["block_input"] + v["attn_output"] + v["mlp_output"]
+            assert rel(total, v["block_output"]) < tol(family)
         mlp = visit.mlp_parts(tr, layer)
         assert mlp.keys.shape == mlp.values.shape == (lens.d_mlp, lens.d_model)
 
@@ -902,8 +910,10 @@ def test_adapter_paths_and_sizes_match_the_module_tree(family, lenses):
 
     lens = lenses(family)
     ad, model, dims = lens.adapter, lens.model, lens.dims
-    for path in (ad.embed, ad.blocks, ad.final_norm, ad.unembed):
-        model.get_submodule(path)
+    for path in (ad.embed, ad.blocks, ad.final_norm, ad.unembed, ad.embed_proj, ad.unembed_proj):
+        if path is not None:
+            model.get_submodule(path)
+    assert (ad.final_norm is None) == bool(CONFIGS[family].get("post_ln"))  # post-LN OPT: no final norm
     assert len(ad.blocks_of(model)) == dims.n_layers
     for layer in range(dims.n_layers):
         for name in BLOCK_PARTS + ("post_attn_norm", "post_mlp_norm", "router", "experts"):
