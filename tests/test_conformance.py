@@ -1027,3 +1027,88 @@ def test_expert_neuron_patch_on_mode(family, lenses):
     st = lens.trace(PROMPT, target=TARGET, patches=[lv.NeuronPatch(layer, cells, value=best + 0.01, expert=e)])
     assert torch.allclose(on.logits, st.logits, atol=1e-12, rtol=0)
     assert not torch.allclose(on.logits, base.logits, atol=1e-9, rtol=0)
+
+
+POST_LN = [f for f in FAMILIES if CONFIGS[f].get("post_ln")]
+
+
+@pytest.mark.parametrize("family", POST_LN)
+def test_post_ln_sites_maps_and_patches_equal_hand_written_hooks(family, runs):
+    """Post-LayerNorm OPT (opt-350m layout): the recorded pre / mid / post residuals are HF's own block
+    input, post-attention LayerNorm output and block output (forward hooks written here); the frozen-scale
+    map is LN(r + y) = (g / s) P r + (g / s) P y + b with s the std of the norm's real input; the
+    vocabulary projection is project_out then lm_head; the embedding-space matrices are the plain
+    products W_U W_out and W_E W_in^T; patched runs equal hand-patched HF runs."""
+    from lensviz.lenses import embedding_space as es
+
+    lens, tr, _ = runs(family)
+    model, ad = lens.model, lens.adapter
+    dec = model.model.decoder
+    seen, handles = {}, []
+    for layer, block in enumerate(dec.layers):
+        handles.append(block.register_forward_pre_hook(
+            lambda m, a, kw, layer=layer: seen.__setitem__(("pre", layer), (a[0] if a else kw["hidden_states"])[0].clone()),
+            with_kwargs=True))
+        for name, site in (("self_attn_layer_norm", "mid"), ("final_layer_norm", "post")):
+            handles.append(getattr(block, name).register_forward_hook(
+                lambda m, a, o, layer=layer, site=site: seen.__setitem__((site, layer), (a[0].clone(), o[0].clone()))))
+    handles.append(dec.project_out.register_forward_pre_hook(lambda m, a: seen.__setitem__("final", a[0][0].clone())))
+    try:
+        with torch.no_grad():
+            logits = model(tr.input_ids[None], use_cache=False).logits[0]
+    finally:
+        for h in handles:
+            h.remove()
+    assert dec.final_layer_norm is None and dec.project_in is not None
+    for layer in range(lens.n_layers):
+        assert rel(tr.resid(layer, "pre"), seen[("pre", layer)]) < 1e-12
+        for site, sublayer, before in (("mid", "attn", "pre"), ("post", "mlp", "mid")):
+            x, out = seen[(site, layer)]  # the norm's input r + y and its output
+            assert rel(tr.resid(layer, site), out) < 1e-12
+            norm = getattr(dec.layers[layer], "self_attn_layer_norm" if site == "mid" else "final_layer_norm")
+            s = (x.var(-1, unbiased=False, keepdim=True) + norm.eps).sqrt()  # this run's std
+            assert rel(tr.write_scale(layer, sublayer), norm.weight.detach() / s) < 1e-12
+            r = tr.resid(layer, before)
+            centred = r - r.mean(-1, keepdim=True)
+            expect = norm.weight.detach() / s * centred + norm.bias.detach()  # (g / s) P r + b
+            assert rel(tr.carried(layer, sublayer), expect) < 1e-12
+            u = torch.randn(lens.d_model, dtype=torch.float64)  # carry_back is the carried map's transpose
+            t = 5
+            jac = torch.autograd.functional.jacobian(lambda z: tr.write(layer, sublayer, z, position=t), r[t])
+            assert rel(tr.carry_back(layer, sublayer, u, t), jac.T @ u) < 1e-12
+    assert rel(tr.resid(-1, "post"), seen["final"]) < 1e-12
+    assert rel(tr.logits, logits) < 1e-5  # HF's own attention
+    proj = dec.project_out.weight.detach()
+    assert rel(lens.adapter.vocab_logits(model, tr.resid(-1, "post")), tr.resid(-1, "post") @ proj.T @
+               model.lm_head.weight.detach().T) < 1e-12
+    # embedding-space matrices: W_U through project_out, W_E through project_in (+ positions = the block input)
+    assert rel(es.unembedding(lens), (model.lm_head.weight.detach() @ proj).T) < 1e-15
+    w_in = dec.project_in.weight.detach()
+    e_in = es.input_embedding(lens).T[tr.input_ids]
+    pos = dec.embed_positions(torch.ones(1, len(tr), dtype=torch.long), 0)[0]
+    assert rel(e_in + pos, tr.resid(0, "pre")) < 1e-12
+    assert rel(e_in, dec.embed_tokens.weight.detach()[tr.input_ids] @ w_in.T) < 1e-15
+    # DLA through every later LayerNorm sums to the model's logit
+    dla = lv.direct_logit_attribution(tr)
+    assert dla.total == pytest.approx(float(tr.logits[-1, tr.target_id]), abs=1e-10)
+    assert dla.logit == pytest.approx(float(tr.logits[-1, tr.target_id]), abs=1e-12)
+    # ActivationPatch at the last block's "post" (the project_out input) against a hand-written hook
+    other = lens.trace("I like Italy and city. I visited the city of", target=TARGET)  # same token length
+    assert len(other) == len(tr)
+    src = tr.resid(-1, "post")
+
+    def put(mod, args):
+        x = args[0].clone()
+        x[:, 3] = src[3]
+        return (x,)
+
+    handle = dec.project_out.register_forward_pre_hook(put)
+    try:
+        with torch.no_grad():
+            expect = model(other.input_ids[None], use_cache=False).logits[0]
+    finally:
+        handle.remove()
+    got = lens.trace(other.prompt, target=TARGET, patches=[lv.ActivationPatch(tr, lens.n_layers - 1, "post",
+                                                                              positions=[3])])
+    assert rel(got.logits, expect) < 1e-5
+    assert rel(got.resid(-1, "post")[3], src[3]) < 1e-15
