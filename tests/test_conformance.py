@@ -1112,3 +1112,38 @@ def test_post_ln_sites_maps_and_patches_equal_hand_written_hooks(family, runs):
                                                                               positions=[3])])
     assert rel(got.logits, expect) < 1e-5
     assert rel(got.resid(-1, "post")[3], src[3]) < 1e-15
+
+
+@pytest.mark.parametrize("family", POST_LN)
+def test_post_ln_layer_causal_gradient_is_each_layers_own_loss(family, lenses):
+    """gradient="layer_causal" on post-LN OPT: each layer's loss is the NLL of W_U W_out resid post
+    (plain matrices, no final norm), and dL_l / d resid(l, "pre") is autograd of that loss alone through
+    block l of HF's forward (its input made a leaf by a hand-written hook)."""
+    lens = lenses(family)
+    model = lens.model
+    dec = model.model.decoder
+    lc = lens.trace(PROMPT, target=TARGET, gradient="layer_causal")
+    w = model.lm_head.weight.detach() @ dec.project_out.weight.detach()  # [V, D]
+    for layer in range(lens.n_layers):
+        own = float(-torch.log_softmax(lc.resid(layer, "post")[-1] @ w.T, -1)[lc.target_id])
+        assert lc.layer_losses[layer] == pytest.approx(own, abs=1e-10)
+        keep = {}
+
+        def leaf(mod, args, kwargs):
+            x = (args[0] if args else kwargs["hidden_states"]).detach().requires_grad_(True)
+            keep["x"] = x
+            return ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
+
+        def out(mod, args, output):
+            keep["y"] = output[0] if isinstance(output, tuple) else output
+
+        handles = [dec.layers[layer].register_forward_pre_hook(leaf, with_kwargs=True),
+                   dec.layers[layer].register_forward_hook(out)]
+        try:
+            model(lc.input_ids[None], use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        loss = -torch.log_softmax(keep["y"][0, -1] @ w.T, -1)[lc.target_id]
+        (grad,) = torch.autograd.grad(loss, keep["x"])
+        assert rel(lc.resid_grad(layer, "pre"), grad[0]) < 1e-10
