@@ -1147,3 +1147,77 @@ def test_post_ln_layer_causal_gradient_is_each_layers_own_loss(family, lenses):
         loss = -torch.log_softmax(keep["y"][0, -1] @ w.T, -1)[lc.target_id]
         (grad,) = torch.autograd.grad(loss, keep["x"])
         assert rel(lc.resid_grad(layer, "pre"), grad[0]) < 1e-10
+
+
+@pytest.mark.parametrize("family", POST_LN)
+def test_post_ln_patches_equal_hand_patched_hf_runs(family, lenses):
+    """ActivationPatch at "pre" / "mid" / "post", HeadPatch and NeuronPatch on post-LN OPT against plain HF
+    hooks: "pre" replaces the block's input, "mid" the post-attention LayerNorm's output (the MLP's input
+    and the residual it is added to), "post" the post-MLP LayerNorm's output; heads replace o_proj input
+    slices, neurons fc2 input columns."""
+    lens = lenses(family)
+    model = lens.model
+    dec = model.model.decoder
+    clean = lens.trace(PROMPT, target=TARGET)
+    corrupt_prompt = "I like Italy and city. I visited the city of"
+    ids, _ = lens.encode(corrupt_prompt)
+    assert len(ids) == len(clean)
+    base = lens.trace(corrupt_prompt, target=TARGET)
+    layer = 1
+    differ = ((clean.resid(layer, "pre") - base.resid(layer, "pre")).norm(dim=-1) > 1e-6).nonzero()[:, 0].tolist()
+    pos = [differ[0], differ[-1]]  # the changed token and the last position
+
+    def hf(module, kind, fn):
+        handle = (module.register_forward_pre_hook(fn) if kind == "pre" else module.register_forward_hook(fn))
+        try:
+            with torch.no_grad():
+                return model(ids[None], use_cache=False).logits[0]
+        finally:
+            handle.remove()
+
+    def put_output(value):
+        def hook(mod, args, output):
+            out = output.clone()
+            out[:, pos] = value[pos]
+            return out
+        return hook
+
+    def put_input(value, cols=None):
+        def hook(mod, args):
+            x = args[0].clone()
+            if cols is None:
+                x[:, pos] = value[pos]
+            else:  # flattened [T, F] (fc2) or [1, T, H*d] (out_proj): replace those columns everywhere
+                x[..., cols] = value[..., cols].reshape(x[..., cols].shape)
+            return (x, *args[1:])
+        return hook
+
+    block = dec.layers[layer]
+    cases = [
+        (lv.ActivationPatch(clean, layer, "pre", positions=pos), hf(block, "pre", put_input(clean.resid(layer, "pre")))),
+        (lv.ActivationPatch(clean, layer, "mid", positions=pos),
+         hf(block.self_attn_layer_norm, "fwd", put_output(clean.resid(layer, "mid")))),
+        (lv.ActivationPatch(clean, layer, "post", positions=pos),
+         hf(block.final_layer_norm, "fwd", put_output(clean.resid(layer, "post")))),
+    ]
+    d = lens.d_head
+    heads = [0, 3]
+    cols = [c for h in heads for c in range(h * d, (h + 1) * d)]
+    o_clean = clean.recording.at("o", layer)  # [T, H*d], the clean o_proj input
+    cases.append((lv.HeadPatch(clean, layer, heads), hf(block.self_attn.out_proj, "pre", put_input(o_clean[None], cols))))
+    neurons = [1, 5]
+
+    def scale_neurons(mod, args):
+        a = args[0].clone()
+        a[:, neurons] = a[:, neurons] * 2.5
+        return (a,)
+
+    cases.append((lv.NeuronPatch(layer, neurons, value=2.5, mode="scale"), hf(block.fc2, "pre", scale_neurons)))
+    for patch, expect in cases:
+        got = lens.trace(corrupt_prompt, target=TARGET, patches=[patch])
+        assert rel(got.logits, expect) < 1e-5, patch  # HF's own attention (sdpa) vs lensviz's
+        assert not torch.allclose(got.logits, base.logits, atol=1e-9, rtol=0), patch
+    mid = lens.trace(corrupt_prompt, target=TARGET, patches=[cases[1][0]])
+    assert rel(mid.resid(layer, "mid")[pos], clean.resid(layer, "mid")[pos]) < 1e-15
+    others = [t for t in range(len(ids)) if t not in pos]
+    assert torch.equal(mid.resid(layer, "mid")[others], base.resid(layer, "mid")[others])
