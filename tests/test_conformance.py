@@ -932,7 +932,7 @@ def test_adapter_paths_and_sizes_match_the_module_tree(family, lenses):
 
 QK_NORMED = [f for f in FAMILIES if any(k in f for k in ("qwen3", "olmo2", "gemma3", "cohere", "stablelm"))
              or f == "phi"]
-POST_NORMED = [f for f in FAMILIES if CONFIGS[f].get("post_norm")]
+POST_NORMED = [f for f in FAMILIES if CONFIGS[f].get("post_norm") or CONFIGS[f].get("post_ln")]
 
 
 def _cos(a, b):
@@ -984,9 +984,10 @@ def test_weight_lenses_fold_the_qk_norms(family, runs):
 
 @pytest.mark.parametrize("family", POST_NORMED)
 def test_weight_lenses_fold_the_post_norms(family, runs):
-    """circuit_weights' W_O g: head h's write to the residual (frozen-scale decomposition) is
-    c_t O_h W_O g with c_t = 1 / rms of the summed attention output, the same positive factor for every
-    head at t; FFN value projections carry the post-MLP gain; an OV component edit acts on the folded W_O."""
+    """circuit_weights' W_O g (post-LN OPT: W_O P g, P the centring): head h's write to the residual
+    (frozen-scale decomposition) is c_t O_h W_O g with c_t = 1 / rms of the summed attention output (post-LN:
+    1 / std of pre + attention output), the same positive factor for every head at t; FFN value projections
+    carry the post-MLP map; an OV component edit acts on the folded W_O."""
     from lensviz.lenses import composition, embedding_space as es
 
     lens, tr, _ = runs(family)
@@ -997,10 +998,16 @@ def test_weight_lenses_fold_the_post_norms(family, runs):
     y = tr.recording.at("attn_y", layer)
     norm = lens.adapter.blocks_of(lens.model)[layer].get_submodule(lens.adapter.post_attn_norm)
     eps = getattr(norm, "eps", None) or getattr(norm, "variance_epsilon")
-    c = torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)  # [T, 1]
+    layer_norm = CONFIGS[family].get("post_ln")  # post-LN OPT: a LayerNorm of pre + attention output
+    if layer_norm:
+        x = y + tr.resid(layer, "pre")
+        c = torch.rsqrt(x.var(-1, unbiased=False, keepdim=True) + eps)  # [T, 1]
+    else:
+        c = torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)  # [T, 1]
     assert rel(tr.head_outputs(layer), c * pred) < T32
     gain = lens.adapter.post_norm_gain(lens.model, layer, "mlp")
-    values = lens.adapter.as_in_out(lens.weight(layer, "mlp_out"))[:3] * gain
+    values = lens.adapter.as_in_out(lens.weight(layer, "mlp_out"))[:3]
+    values = ((values - values.mean(-1, keepdim=True)) if layer_norm else values) * gain  # P v diag(g)
     got = es.ffn_projections(lens, layer, "value", [0, 1, 2], k=5)
     assert torch.equal(got.ids, es.project_write(lens, values, 5).ids)
     before = composition.head_weights(lens, layer)

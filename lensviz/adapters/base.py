@@ -278,19 +278,16 @@ class Adapter:
         w = getattr(self.blocks_of(model)[layer].get_submodule(path), "weight", None)
         return None if w is None else w.detach().to("cpu") + self.norm_gain_offset
 
-    def post_norm_map(self, model, layer: int, sublayer: str) -> torch.Tensor | None:
-        """A post-norm as the linear map of the weight-only lenses, M [D, D] (None where the family has
-        none): M = P diag(g) with P = I - 11^T / D the centring of a LayerNorm (identity for RMSNorm), so
-        a written row w maps to w @ M, its write up to the positive per-position factor c(x) of
+    def post_norm_fold(self, model, layer: int, sublayer: str, w: torch.Tensor) -> torch.Tensor:
+        """Written rows w [..., D] through block `layer`'s post-attention ("attn") or post-MLP ("mlp")
+        norm as the weight-only lenses read it: w @ M with M = P diag(g), P = I - 11^T / D the centring of
+        a LayerNorm (the identity for RMSNorm), i.e. (w - mean(w)) * g; w unchanged where the family has
+        no such norm. Each row then is its write up to the positive per-position factor c(x) of
         `frozen_norm_gain` (and the norm's bias, dropped like every bias in those lenses)."""
         g = self.post_norm_gain(model, layer, sublayer)
         if g is None:
-            return None
-        m = torch.diag(g)
-        if self.norm == "layernorm":
-            d = g.shape[0]
-            m = (torch.eye(d, dtype=g.dtype) - 1.0 / d) @ m
-        return m
+            return w
+        return self.frozen_norm_write(g.to(w.dtype), w)
 
     def qk_norm_maps(self, model, layer: int, dims: Dims) -> dict:
         """The q/k norms of block `layer` as linear maps, for weight-only lenses: {"q": M [H, d, d] or None,

@@ -442,8 +442,7 @@ def component_weight_edit(lens, layer: int, head: int, component: int, alpha: fl
         raise LensvizError(f"layer {layer}'s post-attention norm has zero gains: an edit of its folded W_O cannot "
                            "be mapped back to o_proj")
     g = torch.ones(w64.shape[-1], dtype=torch.float64) if gain is None else gain.double()
-    m = lens.adapter.post_norm_map(lens.model, layer, "attn")
-    folded = w64 if m is None else w64 @ m.double()  # W_O M, M = P diag(g) (P = I but for LayerNorm)
+    folded = lens.adapter.post_norm_fold(lens.model, layer, "attn", w64)  # W_O M, M = P diag(g) (P = I but LayerNorm)
     # the edit of the folded circuit, mapped back through diag(g)^-1; v lies in the row space of W_O P diag(g),
     # so v / g is centred and the edited W_O times M is the edited folded circuit (post-LN OPT too)
     new = w64 - (1 - alpha) * (folded @ v)[:, None] * (v / g)[None, :]

@@ -107,7 +107,7 @@ def circuit_weights(lens, layer: int) -> dict:
       positive per-vector scale 1 / s(q) and the norm's bias; scores are then exact up to the positive
       factor 1 / (s(q) s(k)) per query-key pair, so signs hold and rankings are approximate;
     - post-attention norms (Gemma 2/3, OLMo 2; post-LN OPT): o[h] @ M with M = diag(g_post), or P diag(g)
-      for a LayerNorm (`Adapter.post_norm_map`), what head h adds to the residual up to the positive
+      for a LayerNorm (`Adapter.post_norm_fold`), what head h adds to the residual up to the positive
       factor 1 / rms (1 / std) of the norm's input at that position (shared by every head there: the
       frozen-scale decomposition of `Trace.write`).
     Families without these norms get `attention_weights` unchanged."""
@@ -117,9 +117,7 @@ def circuit_weights(lens, layer: int) -> dict:
     for side in "qk":
         if maps[side] is not None:
             w[side] = w[side] @ maps[side].to(w[side].dtype)
-    m = lens.adapter.post_norm_map(lens.model, layer, "attn")
-    if m is not None:
-        w["o"] = w["o"] @ m.to(w["o"].dtype)
+    w["o"] = lens.adapter.post_norm_fold(lens.model, layer, "attn", w["o"])
     return w
 
 
@@ -449,15 +447,14 @@ def ffn_projections(lens, layer: int, part: str = "key", dims=None, k: int = 30,
                     fold_norm: bool = False, bottom: bool = False, expert: int | None = None) -> ValueTokens:
     """Projected FFN vectors of `layer`: part "key" (FF1, read side), "gate" (SwiGLU gate, read side) or
     "value" (FF2 rows, write side; through the post-MLP norm's map where the family has one,
-    `Adapter.post_norm_map`, so up to the positive factor of its frozen scale it is the neuron's write); dims [n] (default all F);
+    `Adapter.post_norm_fold`, so up to the positive factor of its frozen scale it is the neuron's write); dims [n] (default all F);
     expert (MoE): expert e's. -> ValueTokens [n, k]."""
     if part not in ("key", "gate", "value"):
         raise LensvizError(f"part must be 'key', 'gate' or 'value', got {part!r}")
     dims = torch.arange(lens.d_mlp) if dims is None else check_dims(dims, lens.d_mlp)
     if part == "value":  # post-MLP norms (Gemma 2/3, OLMo 2): values times its gain, as in circuit_weights
         values = value_vectors(lens, layer, expert)[dims]
-        m = lens.adapter.post_norm_map(lens.model, _layer(lens, layer), "mlp")
-        values = values if m is None else values @ m.to(values.dtype)
+        values = lens.adapter.post_norm_fold(lens.model, _layer(lens, layer), "mlp", values)
         return project_write(lens, values, k, space=space, bottom=bottom)
     vec = ffn_keys(lens, layer, "mlp_in" if part == "key" else "mlp_gate", fold_norm=fold_norm,
                    expert=expert)[dims]
