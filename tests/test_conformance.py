@@ -1049,7 +1049,7 @@ def test_post_ln_sites_maps_and_patches_equal_hand_written_hooks(family, runs):
     from lensviz.lenses import embedding_space as es
 
     lens, tr, _ = runs(family)
-    model, ad = lens.model, lens.adapter
+    model = lens.model
     dec = model.model.decoder
     seen, handles = {}, []
     for layer, block in enumerate(dec.layers):

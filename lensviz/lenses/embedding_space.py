@@ -447,12 +447,12 @@ def ffn_projections(lens, layer: int, part: str = "key", dims=None, k: int = 30,
                     fold_norm: bool = False, bottom: bool = False, expert: int | None = None) -> ValueTokens:
     """Projected FFN vectors of `layer`: part "key" (FF1, read side), "gate" (SwiGLU gate, read side) or
     "value" (FF2 rows, write side; through the post-MLP norm's map where the family has one,
-    `Adapter.post_norm_fold`, so up to the positive factor of its frozen scale it is the neuron's write); dims [n] (default all F);
-    expert (MoE): expert e's. -> ValueTokens [n, k]."""
+    `Adapter.post_norm_fold`, so up to the positive factor of its frozen scale it is the neuron's write);
+    dims [n] (default all F); expert (MoE): expert e's. -> ValueTokens [n, k]."""
     if part not in ("key", "gate", "value"):
         raise LensvizError(f"part must be 'key', 'gate' or 'value', got {part!r}")
     dims = torch.arange(lens.d_mlp) if dims is None else check_dims(dims, lens.d_mlp)
-    if part == "value":  # post-MLP norms (Gemma 2/3, OLMo 2): values times its gain, as in circuit_weights
+    if part == "value":  # post-MLP norms (Gemma 2/3, OLMo 2, post-LN OPT): folded as in circuit_weights
         values = value_vectors(lens, layer, expert)[dims]
         values = lens.adapter.post_norm_fold(lens.model, _layer(lens, layer), "mlp", values)
         return project_write(lens, values, k, space=space, bottom=bottom)
