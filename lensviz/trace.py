@@ -98,7 +98,8 @@ class Trace:
     # residual stream ---------------------------------------------------------------------------------
     def resid(self, layer: int, site: str = "post") -> torch.Tensor:
         """Residual stream [T, D] at `site`: "pre" block input, "mid" after attention, "post" block output
-        (before the final norm)."""
+        (before the final norm). In post-LN blocks (OPT-350m) "mid" is the post-attention LayerNorm's
+        output LN_1(pre + attention output), the MLP's input, and "post" LN_2(mid + MLP output)."""
         return self._site(check_site(site), self._layer(layer))
 
     def resid_grad(self, layer: int, site: str = "post") -> torch.Tensor:

@@ -1228,3 +1228,24 @@ def test_post_ln_patches_equal_hand_patched_hf_runs(family, lenses):
     assert rel(mid.resid(layer, "mid")[pos], clean.resid(layer, "mid")[pos]) < 1e-15
     others = [t for t in range(len(ids)) if t not in pos]
     assert torch.equal(mid.resid(layer, "mid")[others], base.resid(layer, "mid")[others])
+
+
+@pytest.mark.parametrize("family", POST_LN)
+def test_post_ln_shift_edit_equals_the_weight_edit(family, lenses):
+    """ShiftEdit on post-LN OPT: W_ff2 += eta x_T e_t^T with e_t the target's embedding as it enters the
+    residual stream, project_in(W_E[t]) (HF's own modules); the edited copy of the model gives the patched
+    run's logits."""
+    lens = lenses(family)
+    layer, eta = 1, 0.3
+    base = lens.trace(PROMPT, target=TARGET)
+    tr = lens.trace(PROMPT, target=TARGET, patches=[lv.ShiftEdit(layer, eta)])
+    dec = lens.model.model.decoder
+    with torch.no_grad():
+        e_t = dec.project_in(dec.embed_tokens.weight[base.target_id])  # [D]
+    x_t = base.mlp_activations(layer)[-1]
+    edited = copy.deepcopy(lens.model)
+    with torch.no_grad():
+        edited.model.decoder.layers[layer].fc2.weight.add_(eta * torch.outer(e_t, x_t))  # Linear: [D, F]
+        ref = edited(tr.input_ids[None], use_cache=False).logits[0]
+    assert rel(tr.logits, ref) < 1e-5  # HF's own attention (sdpa) vs lensviz's
+    assert not torch.allclose(tr.logits, base.logits, atol=1e-6, rtol=0)
