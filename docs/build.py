@@ -46,6 +46,12 @@ MODULES = [
 ]
 
 FAMILY_NOTES = {
+    "opt_post_ln": {
+        "title": "Post-LayerNorm OPT",
+        "models": "`facebook/opt-350m`",
+        "model_types": "opt (picked from the config: `do_layer_norm_before=False`, `word_embed_proj_dim` != "
+                       "`hidden_size`)",
+    },
     "gpt2": {
         "title": "GPT-2",
         "models": "`gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl`, `distilgpt2` and other `model_type: gpt2` checkpoints",
@@ -244,7 +250,11 @@ PART_MEANING = [
     ("k_proj", "key projection"), ("v_proj", "value projection"), ("qkv", "fused q/k/v projection"),
     ("o_proj", "attention output projection W_O"), ("mlp_in", "FF1 (keys; up projection)"),
     ("mlp_gate", "FF1 gate (SwiGLU)"), ("mlp_out", "FF2 (values; down projection)"),
+    ("post_attn_norm", "norm after attention"), ("post_mlp_norm", "norm after the MLP"),
+    ("embed_proj", "projection into the residual (W_E -> D)"),
+    ("unembed_proj", "projection out of the residual (D -> W_U)"),
 ]
+SUITE_FAMILY = {"llama3": "llama", "opt350": "opt_post_ln"}  # suite entries not named after their family
 
 
 def _adapter_docs() -> dict[str, str]:
@@ -276,8 +286,14 @@ def _suite_knobs() -> dict[str, str]:
 def _maths(a) -> list[str]:
     """The maths flags an adapter declares, in words."""
     out = []
-    if a.post_attn_norm or a.post_mlp_norm:
+    if a.post_ln:
+        out.append("post-LayerNorm blocks (frozen-scale writes, residual carried through the norms)")
+    elif a.post_attn_norm or a.post_mlp_norm:
         out.append("post-sublayer norms (frozen-scale writes)")
+    if a.embed_proj or a.unembed_proj:
+        out.append("projected embeddings (E = W_U W_out, W_E W_in^T)")
+    if a.final_norm is None:
+        out.append("no final norm")
     if a.residual_multiplier:
         out.append(f"residual multiplier `{a.residual_multiplier}`")
     for attr, what in ((a.logit_softcap, "logit soft-capping"), (a.logit_scale, "logit scale"),
@@ -320,18 +336,21 @@ def _applies(a, suite_names, qk_normed) -> str:
                    "scale); "
                    "`embedding_space.head_attention` raises LensvizError")
     if a.post_attn_norm or a.post_mlp_norm:
-        out.append("weight-only OV / FFN-value lenses fold the post-norm gains (exact up to the summed output's scale)")
+        out.append("weight-only OV / FFN-value lenses fold the post-norm gains (exact up to the summed output's scale)"
+                   + ("; the LayerNorm centring too; DLA pulls the direction back through every later norm"
+                      if a.post_ln else ""))
     return "; ".join(out)
 
 
 def render_architectures() -> str:
-    from lensviz.adapters import _BYPASS, _FAMILIES
+    from lensviz.adapters import _BYPASS, families
 
+    _FAMILIES = families()  # config variants (post-LN OPT) included
     docs, knobs, qk_normed = _adapter_docs(), _suite_knobs(), _qk_normed_suite()
     by_type = {mt: a.family for a in _FAMILIES for mt in a.model_types}
     suite_of = {}
     for name in knobs:
-        family = by_type.get(name, "llama" if name == "llama3" else name)
+        family = by_type.get(name, SUITE_FAMILY.get(name, name))
         suite_of.setdefault(family, []).append(name)
     lines = [GENERATED_NOTE.replace("the docstrings", "lensviz/adapters, tests/test_conformance.py and FAMILY_NOTES "
                                     "in docs/build.py"),
@@ -358,16 +377,18 @@ def render_architectures() -> str:
         suite = "; ".join(f"{n} ({knobs[n] or 'defaults'})" for n in suite_of.get(a.family, [])) or "-"
         applies = _applies(a, suite_of.get(a.family, []), qk_normed)
         lines.append(f"| [{a.family}](#{anchor(FAMILY_NOTES.get(a.family, {}).get('title', a.family))}) | "
-                     f"{', '.join(a.model_types)} | {a.norm} | {a.rotary} | {par} | {a.qkv_split or 'no'} | "
+                     f"{', '.join(a.model_types) or FAMILY_NOTES.get(a.family, {}).get('model_types', '')} | "
+                     f"{a.norm} | {a.rotary} | {par} | {a.qkv_split or 'no'} | "
                      f"{'; '.join(_maths(a)) or '-'} | {suite} | {applies} |")
     lines.append("")
     lines.append("Refused with `UnsupportedModelError` (their attention bypasses transformers' attention interface, "
-                 "so lensviz cannot see it): " + ", ".join(f"`{m}`" for m in sorted(_BYPASS)) + "; post-LayerNorm "
-                 "OPT (opt-350m).\n")
+                 "so lensviz cannot see it): " + ", ".join(f"`{m}`" for m in sorted(_BYPASS)) + "; OPT configs that are "
+                 "neither pre-LayerNorm nor post-LayerNorm with projected embeddings (opt-350m's layout).\n")
     for a in _FAMILIES:
         note = FAMILY_NOTES.get(a.family, {})
         lines.append(f"## {note.get('title', a.family)}\n")
-        lines.append(f"Family `{a.family}`; model types {', '.join(f'`{m}`' for m in a.model_types)}. "
+        types = ', '.join(f'`{m}`' for m in a.model_types) or note.get("model_types", "")
+        lines.append(f"Family `{a.family}`; model types {types}. "
                      f"Typical checkpoints: {note.get('models', '(see model types)')}.\n")
         if note.get("text"):
             lines.append(note["text"] + "\n")

@@ -75,9 +75,9 @@ def pre_hook(stack: ExitStack, module, fn: Callable) -> None:
 
 def residual_input(lens, layer: int):
     """The module whose hidden-states input is resid(layer, "pre"): block `layer`, or the final norm
-    for layer = n_layers (the last block's output)."""
+    (`Lens.final_input_module`) for layer = n_layers (the last block's output)."""
     if layer == lens.n_layers:
-        return lens.final_norm_module
+        return lens.final_input_module
     return lens.adapter.blocks_of(lens.model)[layer]
 
 

@@ -34,6 +34,7 @@ RECORDED = {
     "pre": "[T, D] the block's input (resid pre)",
     "mid": "[T, D] after attention (resid mid); parallel blocks: pre + attention output",
     "post": "[T, D] the block's output (the next block's input; the final norm's input after the last)",
+    # post-LN blocks (OPT-350m): "mid" is LN_1(pre + attention output), the MLP's input; "post" LN_2(mid + MLP)
     "q": "[H, T, d] queries as the attention saw them (after RoPE)",
     "k": "[H_kv, T, d] keys (after RoPE)",
     "v": "[H_kv, T, d] values",
@@ -332,7 +333,7 @@ def installed(model, adapter, rec: Recorder):
                 def pre_ln2(mod, args, kwargs, layer=layer):
                     rec.on_mid(layer, args_hidden(args, kwargs))
 
-                mid_site = block.get_submodule(adapter.ln2 or adapter.mlp)  # no second norm: the MLP reads mid
+                mid_site = block.get_submodule(adapter.mlp_reader)  # no second norm: the MLP reads mid
                 handles.append(mid_site.register_forward_pre_hook(pre_ln2, with_kwargs=True))
 
             if adapter.mlp_out is not None:
@@ -355,7 +356,7 @@ def installed(model, adapter, rec: Recorder):
         def pre_final(mod, args, kwargs):
             rec.on_final(args_hidden(args, kwargs))
 
-        handles.append(model.get_submodule(adapter.final_norm).register_forward_pre_hook(pre_final, with_kwargs=True))
+        handles.append(model.get_submodule(adapter.final_input).register_forward_pre_hook(pre_final, with_kwargs=True))
         yield rec
     finally:
         for h in handles:

@@ -83,7 +83,10 @@ class Lens:
         self.tokenizer = tokenizer
         self.name = name or display_name(getattr(model.config, "_name_or_path", "")) or type(model).__name__
         self.adapter = adapter_for(model.config)
-        for path in (self.adapter.embed, self.adapter.blocks, self.adapter.final_norm, self.adapter.unembed):
+        ad = self.adapter
+        for path in (ad.embed, ad.blocks, ad.final_norm, ad.unembed, ad.embed_proj, ad.unembed_proj):
+            if path is None:
+                continue
             try:
                 model.get_submodule(path)
             except AttributeError:
@@ -114,7 +117,14 @@ class Lens:
     # unembedding -----------------------------------------------------------------------------------
     @property
     def final_norm_module(self):
-        return self.model.get_submodule(self.adapter.final_norm)
+        """The final norm, or None where the family has none (post-LN OPT)."""
+        path = self.adapter.final_norm
+        return None if path is None else self.model.get_submodule(path)
+
+    @property
+    def final_input_module(self):
+        """The module whose hidden-states input is the last block's output (`Adapter.final_input`)."""
+        return self.model.get_submodule(self.adapter.final_input)
 
     @property
     def unembed_module(self):
@@ -199,7 +209,7 @@ class Lens:
         layer=None), detached on CPU: its weight, plus 1 in Gemma's (1 + w) RMSNorm; None where the norm
         has no affine weight or the family has no such norm."""
         if layer is None:
-            w = getattr(self.final_norm_module, "weight", None)
+            w = getattr(self.final_norm_module, "weight", None)  # None without a final norm
             w = None if w is None else w.detach().to("cpu")
         else:
             w = self.param(layer, part, "weight")

@@ -98,7 +98,8 @@ class Trace:
     # residual stream ---------------------------------------------------------------------------------
     def resid(self, layer: int, site: str = "post") -> torch.Tensor:
         """Residual stream [T, D] at `site`: "pre" block input, "mid" after attention, "post" block output
-        (before the final norm)."""
+        (before the final norm). In post-LN blocks (OPT-350m) "mid" is the post-attention LayerNorm's
+        output LN_1(pre + attention output), the MLP's input, and "post" LN_2(mid + MLP output)."""
         return self._site(check_site(site), self._layer(layer))
 
     def resid_grad(self, layer: int, site: str = "post") -> torch.Tensor:
@@ -174,21 +175,31 @@ class Trace:
         return self._site("o", layer).reshape(len(self), self.dims.n_heads, -1).transpose(0, 1)
 
     def head_outputs(self, layer: int) -> torch.Tensor:
-        """Each head's write to the residual, O_h W_O,h times `write_scale(layer, "attn")`: [H, T, D].
-        Their sum plus the (scaled) o_proj bias is the attention's write to the residual."""
+        """Each head's write to the residual, `write(layer, "attn", O_h W_O,h)`: [H, T, D]. Their sum plus
+        the written o_proj bias is the attention's write: resid "mid" = carried(layer, "attn") + that."""
         o = self.head_values(layer)  # [H, T, d]
         w = self.lens.weight(self._layer(layer), "o_proj")
         w_o = self.adapter.o_by_head(w, self.dims.n_heads, self.dims.d_head).to(o.dtype)
-        return torch.matmul(o, w_o) * self.write_scale(layer, "attn")
+        return self.write(layer, "attn", torch.matmul(o, w_o))
+
+    def _norm_input(self, layer: int, sublayer: str) -> torch.Tensor:
+        """The post-norm's input x [T, D]: the raw sublayer output y, or residual + y in post-LN blocks."""
+        y = self._site("attn_y" if sublayer == "attn" else "mlp_y", layer)
+        if self.adapter.post_ln:
+            y = self._site("pre" if sublayer == "attn" else "mid", layer) + y
+        return y
 
     def write_scale(self, layer: int, sublayer: str) -> torch.Tensor:
-        """The map from a part u of a sublayer's raw output (a head's O_h W_O,h, a neuron's a_n value_n, a
-        bias) to its write to the residual, as a factor [T, D] (or a 0-d tensor) multiplying u.
+        """The factor of the map from a part u of a sublayer's raw output (a head's O_h W_O,h, a neuron's
+        a_n value_n, a bias) to its write to the residual, [T, D] (or a 0-d tensor); the map itself is
+        `write` (u -> factor * P u, P the centring of a LayerNorm post-norm, else the identity).
 
         1 where the family adds outputs as they are; Granite's residual_multiplier m; with a post-norm
-        (Gemma 2/3, OLMo 2) the norm with its scale frozen at this run's value, g * c(y) with
-        c(y) = 1 / rms(y) of the summed output y, so that the parts' writes sum to the real write N(y)
-        (to the norm's precision: HF computes these norms in float32). sublayer: "attn" or "mlp"."""
+        (Gemma 2/3, OLMo 2; post-LN OPT) the norm with its scale frozen at this run's value, g * c(x) with
+        c(x) = 1 / rms(x) (RMSNorm) or 1 / std(x) (LayerNorm) of the norm's input x: the summed output y,
+        or in post-LN blocks the residual plus it. So the parts' writes (plus the carried residual and the
+        norm's bias, `carried`) sum to the real output N(x), to the norm's precision (HF computes RMSNorm
+        in float32). sublayer: "attn" or "mlp"."""
         layer = self._layer(layer)
         if sublayer not in ("attn", "mlp"):
             raise LensvizError(f"sublayer must be 'attn' or 'mlp', got {sublayer!r}")
@@ -197,10 +208,44 @@ class Trace:
         scale = torch.tensor(ad.multiplier(config), dtype=self._site("pre", layer).dtype)
         if norm_path is None:
             return scale
-        y = self._site("attn_y" if sublayer == "attn" else "mlp_y", layer)
+        x = self._norm_input(layer, sublayer)
         norm = ad.blocks_of(self.lens.model)[layer].get_submodule(norm_path)
         with torch.no_grad():
-            return ad.frozen_norm_gain(norm, y.to(torch.float64)).to(y.dtype) * scale
+            return ad.frozen_norm_gain(norm, x.to(torch.float64)).to(x.dtype) * scale
+
+    def write(self, layer: int, sublayer: str, u: torch.Tensor, position: int | None = None) -> torch.Tensor:
+        """The write to the residual of parts u of a sublayer's raw output: u [..., T, D] (position None)
+        or u [..., D] read at `position` -> same shape, write_scale * P u (P: LayerNorm post-norms centre,
+        see `Adapter.frozen_norm_write`; the identity otherwise)."""
+        scale = self.write_scale(layer, sublayer)
+        if position is not None and scale.dim() == 2:
+            scale = scale[check_index(position, len(self), "position")]
+        return self.adapter.frozen_norm_write(scale.to(u.dtype), u) if scale.dim() else u * scale.to(u.dtype)
+
+    def carried(self, layer: int, sublayer: str) -> torch.Tensor:
+        """The part of the residual after a sublayer that is not the sublayer's write, [T, D]: the residual
+        before it (resid "pre" for "attn", "mid" for "mlp"; a parallel block's "mid" is pre + attention
+        output), so that resid after = carried + the sublayer's write. In post-LN blocks (OPT-350m) the
+        residual passes the frozen norm too: carried = write_scale * P r + b, b the norm's bias."""
+        layer = self._layer(layer)
+        if sublayer not in ("attn", "mlp"):
+            raise LensvizError(f"sublayer must be 'attn' or 'mlp', got {sublayer!r}")
+        r = self._site("pre" if sublayer == "attn" else "mid", layer)
+        if not self.adapter.post_ln:
+            return r
+        out = self.write(layer, sublayer, r)
+        b = self.adapter.post_norm_bias(self.lens.model, layer, sublayer)
+        return out if b is None else out + b.to(out.dtype)
+
+    def carry_back(self, layer: int, sublayer: str, u: torch.Tensor, position: int) -> torch.Tensor:
+        """The transpose of the carried map at `position`: a direction u [D] read off the residual after the
+        sublayer, as a direction on the residual before it (d(u . after) / d before with the norm's scale
+        frozen). The identity except in post-LN blocks, where it is P (write_scale * u)."""
+        if not self.adapter.post_ln:
+            return u
+        scale = self.write_scale(layer, sublayer)[check_index(position, len(self), "position")].to(u.dtype)
+        v = scale * u
+        return v - v.mean(-1, keepdim=True)
 
     # block inputs after the norms (recomputed on demand from the residual and the norm modules) -----
     def _normed(self, layer: int, norm_part: str, site: str) -> torch.Tensor:

@@ -92,7 +92,8 @@ def unembedding(lens, *, norm: bool = True, bias: bool = True, normalize: bool =
     """The model's readout. norm=True: the final norm first (the logit lens, softmax(W_U N_f(v)));
     norm=False: raw W_U v, with `gain` [D] multiplied in (e.g. the final norm's gamma) and, with
     bias=False, no unembedding bias. normalize=True projects v / |v|. With the final norm the family's
-    logit transform (soft-capping, logit scaling) follows, as in the model; raw readouts have none."""
+    logit transform (soft-capping, logit scaling) follows, as in the model; raw readouts have none. A
+    projection out of the residual (OPT-350m's project_out) always comes just before W_U: E = W_U W_out."""
     final, unembed = lens.final_norm_module, lens.unembed_module
     weight, b = plain_linear(unembed)
     module = None
@@ -104,10 +105,12 @@ def unembedding(lens, *, norm: bool = True, bias: bool = True, normalize: bool =
     steps = []
     if normalize:
         steps.append(lambda v: v / v.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny))
-    if norm:
+    if norm and final is not None:  # (post-LN OPT has no final norm)
         steps.append(final)
     if gain is not None:
         steps.append(lambda v: v * gain.detach().to(v))
+    if lens.adapter.unembed_proj is not None:  # OPT-350m: W_U reads project_out(h) (raw readouts too)
+        steps.append(lens.model.get_submodule(lens.adapter.unembed_proj))
     pre = None if not steps else (steps[0] if len(steps) == 1 else _chain(steps))
     adapter, config = lens.adapter, lens.model.config
     post = None

@@ -94,9 +94,16 @@ def test_families_bypassing_the_attention_interface_are_refused_with_the_reason(
     assert model_type in str(info.value) and "llama" in str(info.value)
 
 
-def test_post_layernorm_opt_is_refused_with_the_reason():
+def test_opt_layouts_pick_their_adapter_and_the_others_are_refused_with_the_reason():
     from transformers import OPTConfig
 
+    assert adapter_for(OPTConfig()).family == "opt"  # pre-LN (opt-125m, opt-1.3b+)
+    # opt-350m: post-LN blocks with project_in / project_out and no final norm
+    post = adapter_for(OPTConfig(do_layer_norm_before=False, hidden_size=1024, word_embed_proj_dim=512))
+    assert post.family == "opt_post_ln" and post.post_ln and post.final_norm is None
+    assert (post.embed_proj, post.unembed_proj) == ("model.decoder.project_in", "model.decoder.project_out")
+    assert post.final_input == "model.decoder.project_out" and post.mlp_reader == "fc1"
     with pytest.raises(lv.UnsupportedModelError, match="do_layer_norm_before=False.*pre-LayerNorm"):
-        adapter_for(OPTConfig(do_layer_norm_before=False))
-    assert adapter_for(OPTConfig()).family == "opt"
+        adapter_for(OPTConfig(do_layer_norm_before=False))  # post-LN without the projections
+    with pytest.raises(lv.UnsupportedModelError, match="word_embed_proj_dim=512 != hidden_size=1024"):
+        adapter_for(OPTConfig(hidden_size=1024, word_embed_proj_dim=512))  # pre-LN with them

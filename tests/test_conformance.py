@@ -100,6 +100,12 @@ def _cfg(family: str):
                             max_position_embeddings=64, word_embed_proj_dim=32, do_layer_norm_before=True,
                             bos_token_id=0, eos_token_id=0, pad_token_id=1, dropout=0.0, attention_dropout=0.0,
                             init_std=0.15)
+    if family == "opt350":  # facebook/opt-350m's layout: post-LN blocks, project_in / project_out, no final norm
+        v = models.tokenizer().vocab_size
+        return tf.OPTConfig(vocab_size=v, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, ffn_dim=48,
+                            max_position_embeddings=64, word_embed_proj_dim=16, do_layer_norm_before=False,
+                            bos_token_id=0, eos_token_id=0, pad_token_id=1, dropout=0.0, attention_dropout=0.0,
+                            init_std=0.15)
     if family == "mixtral":
         return tf.MixtralConfig(**_common(num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW,
                                           intermediate_size=16))
@@ -141,6 +147,9 @@ CONFIGS = {
     "stablelm": {"quirks": "LayerNorm, per-head q/k LayerNorms, qkv bias, partial rotary 0.25"},
     "gptj": {"quirks": "parallel block, partial interleaved rotary (rotary_dim 4), lm_head bias"},
     "opt": {"quirks": "learned positions (offset 2), block-level flattened MLP, pre-scaled query, ReLU"},
+    "opt350": {"post_ln": True,
+               "quirks": "post-LayerNorm blocks (the residual renormalised), project_in / project_out "
+                         "(word_embed_proj_dim 16 != hidden 32), no final norm"},
     "mixtral": {"window": True, "moe": True, "quirks": "4 experts top-2 (eager experts), sliding window"},
     "qwen3_moe": {"moe": True, "quirks": "4 experts top-2, q/k norms, norm_topk_prob"},
     "gpt_oss": {"window": True, "moe": True, "sinks": True,
@@ -342,7 +351,7 @@ def test_residuals_and_gradients_equal_autograd(family, runs):  # rows 12, 13, 1
     for layer in range(lens.n_layers):
         assert rel(tr.resid(layer, "pre"), hidden[layer][0].detach()) < 1e-12
         assert rel(tr.resid_grad(layer, "pre"), hidden[layer].grad[0]) < 1e-10
-    final = lens.model.get_submodule(lens.adapter.final_norm)
+    final = lens.model.get_submodule(lens.adapter.final_input)  # the final norm (or what reads the last block)
     with torch.no_grad():
         logits = lens.adapter.vocab_logits(lens.model, tr.resid(-1, "post"))
     assert rel(logits, tr.logits) < 1e-12  # row 14, with the family's head projection and logit transform
@@ -363,8 +372,10 @@ def test_block_decomposes_into_head_and_neuron_writes(family, runs):  # row 16, 
         o_bias = ad.part(model, layer, "o_proj").bias
         attn_write = tr.head_outputs(layer).sum(0)
         if o_bias is not None:
-            attn_write = attn_write + o_bias.detach() * tr.write_scale(layer, "attn")
-        assert rel(pre + attn_write, mid) < tol(family)  # the parts sum to the real write
+            attn_write = attn_write + tr.write(layer, "attn", o_bias.detach().expand(len(tr), -1))
+        carried = tr.carried(layer, "attn")  # the residual itself, or (post-LN) its frozen-LayerNorm image
+        assert torch.equal(carried, pre) != bool(CONFIGS[family].get("post_ln"))
+        assert rel(carried + attn_write, mid) < tol(family)  # the parts sum to the real write
         if CONFIGS[family].get("moe"):
             with torch.no_grad():
                 mlp_out = ad.mlp_module(ad.blocks_of(model)[layer])(tr.mlp_input(layer)[None])
@@ -379,7 +390,7 @@ def test_block_decomposes_into_head_and_neuron_writes(family, runs):  # row 16, 
         w = ad.as_in_out(ad.part(model, layer, "mlp_out").weight.detach())
         b = ad.part(model, layer, "mlp_out").bias
         sub = tr.mlp_activations(layer) @ w + (0 if b is None else b.detach())  # sum_n a_n value_n + b
-        assert rel(mid + sub * tr.write_scale(layer, "mlp"), post) < tol(family)
+        assert rel(tr.carried(layer, "mlp") + tr.write(layer, "mlp", sub), post) < tol(family)
         with torch.no_grad():  # the MLP run on mlp_input gives the same raw output
             raw = ad.mlp_module(ad.blocks_of(model)[layer])(tr.mlp_input(layer))
         assert rel(raw, sub) < 1e-12
@@ -410,7 +421,9 @@ def test_weight_gradients_equal_autograd(family, runs):  # rows 9, 10, 11 and W_
             d_out = tr.resid_grad(layer, "post" if ad.is_parallel(model.config) else "mid")
             if ad.post_attn_norm is not None:
                 norm = block.get_submodule(ad.post_attn_norm)
-                _, vjp = torch.func.vjp(norm, tr.recording.at("attn_y", layer))
+                norm_in = tr.recording.at("attn_y", layer)  # post-LN: the norm reads pre + attention output
+                norm_in = norm_in + tr.resid(layer, "pre") if ad.post_ln else norm_in
+                _, vjp = torch.func.vjp(norm, norm_in)
                 d_out = vjp(d_out)[0]
             d_out = d_out * ad.multiplier(model.config)
             assert rel(ad.as_in_out(ad.part(model, layer, "o_proj").weight.grad), o.T @ d_out) < 1e-10  # row 9
@@ -617,8 +630,12 @@ def test_visit_parts_sum_to_the_block(family, runs):  # row 16 through the VISIT
     k = lens.model.config.num_experts_per_tok if CONFIGS[family].get("moe") else 1  # MoE: the routed experts' neurons
     for layer in range(lens.n_layers):
         v = visit.block_vectors(tr, layer)
-        total = v["block_input"] + v["attn_output"] + v["mlp_output"]
-        assert rel(total, v["block_output"]) < tol(family)
+        assert rel(v["mlp_carried"] + v["mlp_output"], v["block_output"]) < tol(family)
+        if not lens.adapter.is_parallel(lens.model.config):
+            assert rel(v["attn_carried"] + v["attn_output"], v["residual_after_attn"]) < tol(family)
+        if not CONFIGS[family].get("post_ln"):  # additive blocks: the carried vectors are the residual itself
+            total = v["block_input"] + v["attn_output"] + v["mlp_output"]
+            assert rel(total, v["block_output"]) < tol(family)
         mlp = visit.mlp_parts(tr, layer)
         assert mlp.keys.shape == mlp.values.shape == (k * lens.d_mlp, lens.d_model)
         assert (mlp.experts is None) == (k == 1)
@@ -897,8 +914,10 @@ def test_adapter_paths_and_sizes_match_the_module_tree(family, lenses):
 
     lens = lenses(family)
     ad, model, dims = lens.adapter, lens.model, lens.dims
-    for path in (ad.embed, ad.blocks, ad.final_norm, ad.unembed):
-        model.get_submodule(path)
+    for path in (ad.embed, ad.blocks, ad.final_norm, ad.unembed, ad.embed_proj, ad.unembed_proj):
+        if path is not None:
+            model.get_submodule(path)
+    assert (ad.final_norm is None) == bool(CONFIGS[family].get("post_ln"))  # post-LN OPT: no final norm
     assert len(ad.blocks_of(model)) == dims.n_layers
     for layer in range(dims.n_layers):
         for name in BLOCK_PARTS + ("post_attn_norm", "post_mlp_norm", "router", "experts"):
@@ -917,7 +936,7 @@ def test_adapter_paths_and_sizes_match_the_module_tree(family, lenses):
 
 QK_NORMED = [f for f in FAMILIES if any(k in f for k in ("qwen3", "olmo2", "gemma3", "cohere", "stablelm"))
              or f == "phi"]
-POST_NORMED = [f for f in FAMILIES if CONFIGS[f].get("post_norm")]
+POST_NORMED = [f for f in FAMILIES if CONFIGS[f].get("post_norm") or CONFIGS[f].get("post_ln")]
 
 
 def _cos(a, b):
@@ -969,9 +988,10 @@ def test_weight_lenses_fold_the_qk_norms(family, runs):
 
 @pytest.mark.parametrize("family", POST_NORMED)
 def test_weight_lenses_fold_the_post_norms(family, runs):
-    """circuit_weights' W_O g: head h's write to the residual (frozen-scale decomposition) is
-    c_t O_h W_O g with c_t = 1 / rms of the summed attention output, the same positive factor for every
-    head at t; FFN value projections carry the post-MLP gain; an OV component edit acts on the folded W_O."""
+    """circuit_weights' W_O g (post-LN OPT: W_O P g, P the centring): head h's write to the residual
+    (frozen-scale decomposition) is c_t O_h W_O g with c_t = 1 / rms of the summed attention output (post-LN:
+    1 / std of pre + attention output), the same positive factor for every head at t; FFN value projections
+    carry the post-MLP map; an OV component edit acts on the folded W_O."""
     from lensviz.lenses import composition, embedding_space as es
 
     lens, tr, _ = runs(family)
@@ -982,10 +1002,16 @@ def test_weight_lenses_fold_the_post_norms(family, runs):
     y = tr.recording.at("attn_y", layer)
     norm = lens.adapter.blocks_of(lens.model)[layer].get_submodule(lens.adapter.post_attn_norm)
     eps = getattr(norm, "eps", None) or getattr(norm, "variance_epsilon")
-    c = torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)  # [T, 1]
+    layer_norm = CONFIGS[family].get("post_ln")  # post-LN OPT: a LayerNorm of pre + attention output
+    if layer_norm:
+        x = y + tr.resid(layer, "pre")
+        c = torch.rsqrt(x.var(-1, unbiased=False, keepdim=True) + eps)  # [T, 1]
+    else:
+        c = torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)  # [T, 1]
     assert rel(tr.head_outputs(layer), c * pred) < T32
     gain = lens.adapter.post_norm_gain(lens.model, layer, "mlp")
-    values = lens.adapter.as_in_out(lens.weight(layer, "mlp_out"))[:3] * gain
+    values = lens.adapter.as_in_out(lens.weight(layer, "mlp_out"))[:3]
+    values = ((values - values.mean(-1, keepdim=True)) if layer_norm else values) * gain  # P v diag(g)
     got = es.ffn_projections(lens, layer, "value", [0, 1, 2], k=5)
     assert torch.equal(got.ids, es.project_write(lens, values, 5).ids)
     before = composition.head_weights(lens, layer)
@@ -1012,3 +1038,218 @@ def test_expert_neuron_patch_on_mode(family, lenses):
     st = lens.trace(PROMPT, target=TARGET, patches=[lv.NeuronPatch(layer, cells, value=best + 0.01, expert=e)])
     assert torch.allclose(on.logits, st.logits, atol=1e-12, rtol=0)
     assert not torch.allclose(on.logits, base.logits, atol=1e-9, rtol=0)
+
+
+POST_LN = [f for f in FAMILIES if CONFIGS[f].get("post_ln")]
+
+
+@pytest.mark.parametrize("family", POST_LN)
+def test_post_ln_sites_maps_and_patches_equal_hand_written_hooks(family, runs):
+    """Post-LayerNorm OPT (opt-350m layout): the recorded pre / mid / post residuals are HF's own block
+    input, post-attention LayerNorm output and block output (forward hooks written here); the frozen-scale
+    map is LN(r + y) = (g / s) P r + (g / s) P y + b with s the std of the norm's real input; the
+    vocabulary projection is project_out then lm_head; the embedding-space matrices are the plain
+    products W_U W_out and W_E W_in^T; patched runs equal hand-patched HF runs."""
+    from lensviz.lenses import embedding_space as es
+
+    lens, tr, _ = runs(family)
+    model = lens.model
+    dec = model.model.decoder
+    seen, handles = {}, []
+    for layer, block in enumerate(dec.layers):
+        handles.append(block.register_forward_pre_hook(
+            lambda m, a, kw, layer=layer: seen.__setitem__(("pre", layer), (a[0] if a else kw["hidden_states"])[0].clone()),
+            with_kwargs=True))
+        for name, site in (("self_attn_layer_norm", "mid"), ("final_layer_norm", "post")):
+            handles.append(getattr(block, name).register_forward_hook(
+                lambda m, a, o, layer=layer, site=site: seen.__setitem__((site, layer), (a[0].clone(), o[0].clone()))))
+    handles.append(dec.project_out.register_forward_pre_hook(lambda m, a: seen.__setitem__("final", a[0][0].clone())))
+    try:
+        with torch.no_grad():
+            logits = model(tr.input_ids[None], use_cache=False).logits[0]
+    finally:
+        for h in handles:
+            h.remove()
+    assert dec.final_layer_norm is None and dec.project_in is not None
+    for layer in range(lens.n_layers):
+        assert rel(tr.resid(layer, "pre"), seen[("pre", layer)]) < 1e-12
+        for site, sublayer, before in (("mid", "attn", "pre"), ("post", "mlp", "mid")):
+            x, out = seen[(site, layer)]  # the norm's input r + y and its output
+            assert rel(tr.resid(layer, site), out) < 1e-12
+            norm = getattr(dec.layers[layer], "self_attn_layer_norm" if site == "mid" else "final_layer_norm")
+            s = (x.var(-1, unbiased=False, keepdim=True) + norm.eps).sqrt()  # this run's std
+            assert rel(tr.write_scale(layer, sublayer), norm.weight.detach() / s) < 1e-12
+            r = tr.resid(layer, before)
+            centred = r - r.mean(-1, keepdim=True)
+            expect = norm.weight.detach() / s * centred + norm.bias.detach()  # (g / s) P r + b
+            assert rel(tr.carried(layer, sublayer), expect) < 1e-12
+            u = torch.randn(lens.d_model, dtype=torch.float64)  # carry_back is the carried map's transpose
+            t = 5
+            jac = torch.autograd.functional.jacobian(lambda z: tr.write(layer, sublayer, z, position=t), r[t])
+            assert rel(tr.carry_back(layer, sublayer, u, t), jac.T @ u) < 1e-12
+    assert rel(tr.resid(-1, "post"), seen["final"]) < 1e-12
+    assert rel(tr.logits, logits) < 1e-5  # HF's own attention
+    proj = dec.project_out.weight.detach()
+    assert rel(lens.adapter.vocab_logits(model, tr.resid(-1, "post")), tr.resid(-1, "post") @ proj.T @
+               model.lm_head.weight.detach().T) < 1e-12
+    # embedding-space matrices: W_U through project_out, W_E through project_in (+ positions = the block input)
+    assert rel(es.unembedding(lens), (model.lm_head.weight.detach() @ proj).T) < 1e-15
+    w_in = dec.project_in.weight.detach()
+    e_in = es.input_embedding(lens).T[tr.input_ids]
+    pos = dec.embed_positions(torch.ones(1, len(tr), dtype=torch.long), 0)[0]
+    assert rel(e_in + pos, tr.resid(0, "pre")) < 1e-12
+    assert rel(e_in, dec.embed_tokens.weight.detach()[tr.input_ids] @ w_in.T) < 1e-15
+    # DLA through every later LayerNorm sums to the model's logit
+    dla = lv.direct_logit_attribution(tr)
+    assert dla.total == pytest.approx(float(tr.logits[-1, tr.target_id]), abs=1e-10)
+    assert dla.logit == pytest.approx(float(tr.logits[-1, tr.target_id]), abs=1e-12)
+    # ActivationPatch at the last block's "post" (the project_out input) against a hand-written hook
+    other = lens.trace("I like Italy and city. I visited the city of", target=TARGET)  # same token length
+    assert len(other) == len(tr)
+    src = tr.resid(-1, "post")
+
+    def put(mod, args):
+        x = args[0].clone()
+        x[:, 3] = src[3]
+        return (x,)
+
+    handle = dec.project_out.register_forward_pre_hook(put)
+    try:
+        with torch.no_grad():
+            expect = model(other.input_ids[None], use_cache=False).logits[0]
+    finally:
+        handle.remove()
+    got = lens.trace(other.prompt, target=TARGET, patches=[lv.ActivationPatch(tr, lens.n_layers - 1, "post",
+                                                                              positions=[3])])
+    assert rel(got.logits, expect) < 1e-5
+    assert rel(got.resid(-1, "post")[3], src[3]) < 1e-15
+
+
+@pytest.mark.parametrize("family", POST_LN)
+def test_post_ln_layer_causal_gradient_is_each_layers_own_loss(family, lenses):
+    """gradient="layer_causal" on post-LN OPT: each layer's loss is the NLL of W_U W_out resid post
+    (plain matrices, no final norm), and dL_l / d resid(l, "pre") is autograd of that loss alone through
+    block l of HF's forward (its input made a leaf by a hand-written hook)."""
+    lens = lenses(family)
+    model = lens.model
+    dec = model.model.decoder
+    lc = lens.trace(PROMPT, target=TARGET, gradient="layer_causal")
+    w = model.lm_head.weight.detach() @ dec.project_out.weight.detach()  # [V, D]
+    for layer in range(lens.n_layers):
+        own = float(-torch.log_softmax(lc.resid(layer, "post")[-1] @ w.T, -1)[lc.target_id])
+        assert lc.layer_losses[layer] == pytest.approx(own, abs=1e-10)
+        keep = {}
+
+        def leaf(mod, args, kwargs):
+            x = (args[0] if args else kwargs["hidden_states"]).detach().requires_grad_(True)
+            keep["x"] = x
+            return ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
+
+        def out(mod, args, output):
+            keep["y"] = output[0] if isinstance(output, tuple) else output
+
+        handles = [dec.layers[layer].register_forward_pre_hook(leaf, with_kwargs=True),
+                   dec.layers[layer].register_forward_hook(out)]
+        try:
+            model(lc.input_ids[None], use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        loss = -torch.log_softmax(keep["y"][0, -1] @ w.T, -1)[lc.target_id]
+        (grad,) = torch.autograd.grad(loss, keep["x"])
+        assert rel(lc.resid_grad(layer, "pre"), grad[0]) < 1e-10
+
+
+@pytest.mark.parametrize("family", POST_LN)
+def test_post_ln_patches_equal_hand_patched_hf_runs(family, lenses):
+    """ActivationPatch at "pre" / "mid" / "post", HeadPatch and NeuronPatch on post-LN OPT against plain HF
+    hooks: "pre" replaces the block's input, "mid" the post-attention LayerNorm's output (the MLP's input
+    and the residual it is added to), "post" the post-MLP LayerNorm's output; heads replace o_proj input
+    slices, neurons fc2 input columns."""
+    lens = lenses(family)
+    model = lens.model
+    dec = model.model.decoder
+    clean = lens.trace(PROMPT, target=TARGET)
+    corrupt_prompt = "I like Italy and city. I visited the city of"
+    ids, _ = lens.encode(corrupt_prompt)
+    assert len(ids) == len(clean)
+    base = lens.trace(corrupt_prompt, target=TARGET)
+    layer = 1
+    differ = ((clean.resid(layer, "pre") - base.resid(layer, "pre")).norm(dim=-1) > 1e-6).nonzero()[:, 0].tolist()
+    pos = [differ[0], differ[-1]]  # the changed token and the last position
+
+    def hf(module, kind, fn):
+        handle = (module.register_forward_pre_hook(fn) if kind == "pre" else module.register_forward_hook(fn))
+        try:
+            with torch.no_grad():
+                return model(ids[None], use_cache=False).logits[0]
+        finally:
+            handle.remove()
+
+    def put_output(value):
+        def hook(mod, args, output):
+            out = output.clone()
+            out[:, pos] = value[pos]
+            return out
+        return hook
+
+    def put_input(value, cols=None):
+        def hook(mod, args):
+            x = args[0].clone()
+            if cols is None:
+                x[:, pos] = value[pos]
+            else:  # flattened [T, F] (fc2) or [1, T, H*d] (out_proj): replace those columns everywhere
+                x[..., cols] = value[..., cols].reshape(x[..., cols].shape)
+            return (x, *args[1:])
+        return hook
+
+    block = dec.layers[layer]
+    cases = [
+        (lv.ActivationPatch(clean, layer, "pre", positions=pos), hf(block, "pre", put_input(clean.resid(layer, "pre")))),
+        (lv.ActivationPatch(clean, layer, "mid", positions=pos),
+         hf(block.self_attn_layer_norm, "fwd", put_output(clean.resid(layer, "mid")))),
+        (lv.ActivationPatch(clean, layer, "post", positions=pos),
+         hf(block.final_layer_norm, "fwd", put_output(clean.resid(layer, "post")))),
+    ]
+    d = lens.d_head
+    heads = [0, 3]
+    cols = [c for h in heads for c in range(h * d, (h + 1) * d)]
+    o_clean = clean.recording.at("o", layer)  # [T, H*d], the clean o_proj input
+    cases.append((lv.HeadPatch(clean, layer, heads), hf(block.self_attn.out_proj, "pre", put_input(o_clean[None], cols))))
+    neurons = [1, 5]
+
+    def scale_neurons(mod, args):
+        a = args[0].clone()
+        a[:, neurons] = a[:, neurons] * 2.5
+        return (a,)
+
+    cases.append((lv.NeuronPatch(layer, neurons, value=2.5, mode="scale"), hf(block.fc2, "pre", scale_neurons)))
+    for patch, expect in cases:
+        got = lens.trace(corrupt_prompt, target=TARGET, patches=[patch])
+        assert rel(got.logits, expect) < 1e-5, patch  # HF's own attention (sdpa) vs lensviz's
+        assert not torch.allclose(got.logits, base.logits, atol=1e-9, rtol=0), patch
+    mid = lens.trace(corrupt_prompt, target=TARGET, patches=[cases[1][0]])
+    assert rel(mid.resid(layer, "mid")[pos], clean.resid(layer, "mid")[pos]) < 1e-15
+    others = [t for t in range(len(ids)) if t not in pos]
+    assert torch.equal(mid.resid(layer, "mid")[others], base.resid(layer, "mid")[others])
+
+
+@pytest.mark.parametrize("family", POST_LN)
+def test_post_ln_shift_edit_equals_the_weight_edit(family, lenses):
+    """ShiftEdit on post-LN OPT: W_ff2 += eta x_T e_t^T with e_t the target's embedding as it enters the
+    residual stream, project_in(W_E[t]) (HF's own modules); the edited copy of the model gives the patched
+    run's logits."""
+    lens = lenses(family)
+    layer, eta = 1, 0.3
+    base = lens.trace(PROMPT, target=TARGET)
+    tr = lens.trace(PROMPT, target=TARGET, patches=[lv.ShiftEdit(layer, eta)])
+    dec = lens.model.model.decoder
+    with torch.no_grad():
+        e_t = dec.project_in(dec.embed_tokens.weight[base.target_id])  # [D]
+    x_t = base.mlp_activations(layer)[-1]
+    edited = copy.deepcopy(lens.model)
+    with torch.no_grad():
+        edited.model.decoder.layers[layer].fc2.weight.add_(eta * torch.outer(e_t, x_t))  # Linear: [D, F]
+        ref = edited(tr.input_ids[None], use_cache=False).logits[0]
+    assert rel(tr.logits, ref) < 1e-5  # HF's own attention (sdpa) vs lensviz's
+    assert not torch.allclose(tr.logits, base.logits, atol=1e-6, rtol=0)

@@ -20,8 +20,8 @@ from tests import models
 from tests.test_conformance import CONFIGS, PROMPT, T32, build
 from tests.test_conformance_pairs import CORRUPT, DISTRACTOR, MULTI, _ScoreGrads
 
-FAMILIES = ["gpt2", "olmo2", "gemma2", "granite", "gptj", "phi"]
-SEQUENTIAL = ["gpt2", "olmo2", "gemma2", "gemma3_text", "granite", "llama3"]
+FAMILIES = ["gpt2", "olmo2", "gemma2", "granite", "gptj", "phi", "opt350"]
+SEQUENTIAL = ["gpt2", "olmo2", "gemma2", "gemma3_text", "granite", "llama3", "opt350"]
 TARGET = " Paris"
 PROMPTS = [PROMPT, "The capital of Japan is the city of", "Obama grew up in Hawaii. Lionel Messi plays for"]
 CELLS = [(0, 4), (1, 11), (2, 2), (2, 7)]  # (layer, position) of the hand-checked mid patches
@@ -166,6 +166,11 @@ def test_ra_head_ranking_equals_autograd_over_prompts(family, lenses):
 
 
 # ActivationPatch(site="mid") and the sweep's mid against a hand-written residual patch -------------
+def _post_ln(ad) -> bool:
+    """Post-LN blocks (OPT-350m): the residual after attention is the post-attention norm's output."""
+    return ad.post_ln
+
+
 def _block_out(output):
     return output[0] if isinstance(output, tuple) else output
 
@@ -177,6 +182,10 @@ def _clean_block_outputs(model, ad, ids):
     for layer, block in enumerate(ad.blocks_of(model)):
         handles.append(block.register_forward_hook(
             lambda m, a, o, layer=layer: outs.__setitem__(layer, _block_out(o)[0].clone())))
+        if _post_ln(ad):  # post-LN OPT: mid is the post-attention LayerNorm's output
+            handles.append(block.get_submodule(ad.post_attn_norm).register_forward_hook(
+                lambda m, a, o, layer=layer: mids.__setitem__(layer, o[0].clone())))
+            continue
         mid_module = block.get_submodule(ad.ln2 or ad.mlp)
         handles.append(mid_module.register_forward_pre_hook(
             lambda m, a, kw, layer=layer: mids.__setitem__(layer, (a[0] if a else kw["hidden_states"])[0].clone()),
@@ -253,8 +262,16 @@ def test_mid_and_post_attribution_equal_delta_times_autograd(family, lenses):
                 x.retain_grad()
                 grabbed[("mid", layer)] = x
 
+            def grab_norm_out(m, a, o, layer=layer):
+                o.retain_grad()
+                grabbed[("mid", layer)] = o
+
             handles.append(block.register_forward_hook(grab_out))
-            handles.append(block.get_submodule(ad.ln2 or ad.mlp).register_forward_pre_hook(grab_mid, with_kwargs=True))
+            if _post_ln(ad):  # post-LN OPT: mid is the post-attention LayerNorm's output
+                handles.append(block.get_submodule(ad.post_attn_norm).register_forward_hook(grab_norm_out))
+            else:
+                handles.append(block.get_submodule(ad.ln2 or ad.mlp).register_forward_pre_hook(grab_mid,
+                                                                                               with_kwargs=True))
         try:
             emb = model.get_input_embeddings()(mid.corrupt.input_ids[None]).detach().requires_grad_(True)
             last = model(inputs_embeds=emb, use_cache=False).logits[0, -1]

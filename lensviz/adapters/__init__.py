@@ -15,6 +15,7 @@ _FAMILIES = (gpt2.ADAPTER, llama.ADAPTER, qwen2.ADAPTER, gpt_neox.ADAPTER, qwen3
              cohere.ADAPTER, phi.ADAPTER, phi3.ADAPTER, stablelm.ADAPTER, gptj.ADAPTER, opt.ADAPTER,
              moe.MIXTRAL, moe.QWEN3_MOE, moe.GPT_OSS)
 _BY_MODEL_TYPE = {mt: a for a in _FAMILIES for mt in a.model_types}
+_VARIANTS = (opt.POST_LN,)  # picked from the config by their family's `variant` (no model_type of their own)
 
 # families whose attention does not go through transformers' attention interface: lensviz cannot see
 # (or edit) their attention probabilities, so it refuses them instead of recording wrong numbers
@@ -30,8 +31,8 @@ def supported_model_types() -> list[str]:
 
 
 def families() -> tuple[Adapter, ...]:
-    """Every adapter, in registry order."""
-    return _FAMILIES
+    """Every adapter, in registry order (config variants such as post-LN OPT after their family's)."""
+    return _FAMILIES + _VARIANTS
 
 
 def adapter_for(config) -> Adapter:
@@ -51,6 +52,8 @@ def adapter_for(config) -> Adapter:
         )
     if getattr(config, "is_encoder_decoder", False):
         raise UnsupportedModelError(f"{model_type!r} is an encoder-decoder model; lensviz supports causal LMs.")
+    if adapter.variant is not None:
+        adapter = adapter.variant(text_config(config)) or adapter
     if adapter.check is not None:
         adapter.check(text_config(config))
     return adapter

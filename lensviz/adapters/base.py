@@ -69,7 +69,7 @@ class Adapter:
     # model level
     embed: str
     blocks: str
-    final_norm: str
+    final_norm: str | None  # None: no final norm (post-LayerNorm OPT): the last block output is read as it is
     unembed: str
     # block level
     ln1: str | None  # None: the sublayer reads the residual itself (OLMo 2)
@@ -92,6 +92,13 @@ class Adapter:
     post_attn_norm: str | None = None  # a norm applied to the attention output before the residual add
     post_mlp_norm: str | None = None  # a norm applied to the MLP output before the residual add
     residual_multiplier: str | None = None  # config attribute m: residual += m * sublayer output (Granite)
+    # post-LayerNorm blocks (OPT-350m): the post norms read residual + sublayer output and their output *is*
+    # the residual (r' = N(r + y)), so the residual itself is renormalised; see `frozen_norm_gain`
+    post_ln: bool = False
+    # projected embeddings (OPT-350m): bias-free linear maps between the residual stream (D) and the
+    # (un)embedding (D_e): input embeddings are embed_proj(W_E[t]), logits W_U unembed_proj(N_f(h))
+    embed_proj: str | None = None
+    unembed_proj: str | None = None
     moe: bool = False  # mixture-of-experts MLP: `mlp` holds a router and experts (no single mlp_out matrix)
     router: str | None = None  # block-level router module (MoE): returns (logits, top-k weights, top-k experts)
     experts: str | None = None  # block-level experts module (MoE), called as experts(x [n, D], experts, weights)
@@ -113,6 +120,7 @@ class Adapter:
     parallel_residual: bool | str = False  # bool, or the name of a boolean config attribute
     d_mlp: Callable = _default_d_mlp
     check: Callable | None = None  # check(config) raises UnsupportedModelError for unsupported variants
+    variant: Callable | None = None  # variant(config) -> the Adapter for this config (e.g. post-LN OPT), or None
     notes: str = ""
 
     # ----------------------------------------------------------------------------------------------
@@ -158,11 +166,50 @@ class Adapter:
                 or (self.logit_softcap is not None and getattr(config, self.logit_softcap, None) is not None))
 
     def vocab_logits(self, model, h: torch.Tensor, *, normed: bool = False) -> torch.Tensor:
-        """logits of residual vectors h [..., D]: final norm (unless `normed`), unembedding and the logit
-        transform, exactly as the model computes its output."""
-        if not normed:
+        """logits of residual vectors h [..., D]: final norm (unless `normed`; none in post-LN OPT), the
+        projection out of the residual (OPT-350m's project_out), unembedding and the logit transform,
+        exactly as the model computes its output."""
+        if not normed and self.final_norm is not None:
             h = model.get_submodule(self.final_norm)(h)
+        if self.unembed_proj is not None:
+            h = model.get_submodule(self.unembed_proj)(h)
         return self.finish_logits(model.config, model.get_submodule(self.unembed)(h))
+
+    @property
+    def final_input(self) -> str:
+        """The model-level module whose hidden-states input is the last block's output: the final norm, or
+        (without one) the projection out of the residual, or the unembedding."""
+        return self.final_norm or self.unembed_proj or self.unembed
+
+    @property
+    def mlp_reader(self) -> str:
+        """The block-level module whose input is resid "mid" in a sequential block: the second norm, or
+        (without one) the MLP itself, or the first module of a module-less MLP (post-LN OPT's fc1)."""
+        return self.ln2 or self.mlp or self.mlp_seq[0]
+
+    def unembedding_matrix(self, model) -> torch.Tensor:
+        """W_U in residual space, [V, D] detached: the unembedding weight composed with the projection out
+        of the residual where the family has one (W_U W_out, OPT-350m), so logits = h @ it.T (+ bias)."""
+        w = model.get_submodule(self.unembed).weight.detach()
+        if self.unembed_proj is not None:
+            proj = model.get_submodule(self.unembed_proj)
+            if getattr(proj, "bias", None) is not None:
+                raise LensvizError(f"{self.family}: the projection {self.unembed_proj} has a bias; "
+                                   "an embedding-space matrix needs a linear map")
+            w = w @ proj.weight.detach().to(w.dtype)
+        return w
+
+    def embedding_matrix(self, model) -> torch.Tensor:
+        """The input embedding in residual space, [V, D] detached: W_E, or W_E W_in^T through the projection
+        into the residual (OPT-350m's project_in), so token t enters the residual as row t (plus positions)."""
+        w = model.get_submodule(self.embed).weight.detach()
+        if self.embed_proj is not None:
+            proj = model.get_submodule(self.embed_proj)
+            if getattr(proj, "bias", None) is not None:
+                raise LensvizError(f"{self.family}: the projection {self.embed_proj} has a bias; "
+                                   "an embedding-space matrix needs a linear map")
+            w = w @ proj.weight.detach().to(w.dtype).T
+        return w
 
     def mlp_module(self, block) -> Callable:
         """The callable MLP of one block: x [.., D] -> MLP output [.., D] (before any post-norm)."""
@@ -177,18 +224,44 @@ class Adapter:
 
         return mlp
 
-    def frozen_norm_gain(self, norm_module, y: torch.Tensor) -> torch.Tensor:
-        """The post-norm of a sublayer as a per-position diagonal map with its scale frozen at this run:
-        N(y) = g * y * c(y) with c(y) = 1 / sqrt(mean(y^2) + eps) (RMSNorm), so every part u_i of the
-        sublayer output y = sum_i u_i writes g * c(y) * u_i, and the parts sum to N(y) exactly (to the
-        norm's own precision). y [T, D] -> g * c(y) [T, D]."""
-        if self.norm != "rmsnorm":
-            raise NotImplementedError(f"{self.family}: frozen post-norms are defined for RMSNorm")
+    def frozen_norm_gain(self, norm_module, x: torch.Tensor) -> torch.Tensor:
+        """A post-norm as a per-position linear map with its scale frozen at this run, given its input x
+        [T, D] (the sublayer output y; in post-LN blocks the residual plus it, x = r + y). Returns the
+        factor f = g * c(x) [T, D] of the map u -> f * P u (see `frozen_norm_write`):
+
+        - RMSNorm: N(x) = g * x * c(x), c(x) = 1 / sqrt(mean(x^2) + eps), P = I;
+        - LayerNorm: N(x) = g * P x * c(x) + b, c(x) = 1 / sqrt(var(x) + eps) (biased variance), P the
+          centring u -> u - mean(u); the bias b is a constant of the position (`post_norm_bias`).
+
+        So for x = sum_i u_i every part writes f * P u_i and the parts plus b sum to N(x) exactly (to the
+        norm's own precision); in post-LN blocks the residual r is one of the parts (the carried term)."""
         eps = getattr(norm_module, "eps", None)
         eps = getattr(norm_module, "variance_epsilon", 1e-6) if eps is None else eps
-        weight = norm_module.weight.detach().to(device=y.device, dtype=y.dtype)
-        scale = torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)
-        return (self.norm_gain_offset + weight) * scale
+        weight = getattr(norm_module, "weight", None)
+        gain = torch.ones(x.shape[-1], dtype=x.dtype, device=x.device) if weight is None else \
+            weight.detach().to(device=x.device, dtype=x.dtype)
+        if self.norm == "layernorm":
+            scale = torch.rsqrt(x.var(-1, unbiased=False, keepdim=True) + eps)
+        else:
+            scale = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+            gain = self.norm_gain_offset + gain
+        return gain * scale
+
+    def frozen_norm_write(self, factor: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Apply a frozen post-norm map to parts u [..., D]: factor * P u with P the centring for LayerNorm
+        (u - mean(u) over the last axis), the identity for RMSNorm; factor broadcasts against u."""
+        if self.norm == "layernorm":
+            u = u - u.mean(-1, keepdim=True)
+        return factor * u
+
+    def post_norm_bias(self, model, layer: int, sublayer: str) -> torch.Tensor | None:
+        """The additive bias b [D] of block `layer`'s post-attention ("attn") or post-MLP ("mlp") norm
+        (LayerNorm), detached on CPU; None where there is none."""
+        path = self.post_attn_norm if sublayer == "attn" else self.post_mlp_norm
+        if path is None:
+            return None
+        b = getattr(self.blocks_of(model)[layer].get_submodule(path), "bias", None)
+        return None if b is None else b.detach().to("cpu")
 
     def qk_normed(self, model) -> bool:
         """Whether the attention normalises q and k after projecting them (Qwen 3, OLMo 2, Gemma 3, Phi /
@@ -204,6 +277,17 @@ class Adapter:
             return None
         w = getattr(self.blocks_of(model)[layer].get_submodule(path), "weight", None)
         return None if w is None else w.detach().to("cpu") + self.norm_gain_offset
+
+    def post_norm_fold(self, model, layer: int, sublayer: str, w: torch.Tensor) -> torch.Tensor:
+        """Written rows w [..., D] through block `layer`'s post-attention ("attn") or post-MLP ("mlp")
+        norm as the weight-only lenses read it: w @ M with M = P diag(g), P = I - 11^T / D the centring of
+        a LayerNorm (the identity for RMSNorm), i.e. (w - mean(w)) * g; w unchanged where the family has
+        no such norm. Each row then is its write up to the positive per-position factor c(x) of
+        `frozen_norm_gain` (and the norm's bias, dropped like every bias in those lenses)."""
+        g = self.post_norm_gain(model, layer, sublayer)
+        if g is None:
+            return w
+        return self.frozen_norm_write(g.to(w.dtype), w)
 
     def qk_norm_maps(self, model, layer: int, dims: Dims) -> dict:
         """The q/k norms of block `layer` as linear maps, for weight-only lenses: {"q": M [H, d, d] or None,

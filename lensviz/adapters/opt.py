@@ -1,35 +1,44 @@
-"""OPT: learned positions (added by the decoder, offset 2), pre-LayerNorm blocks whose MLP is the block's
-own `fc1` -> activation -> `fc2` (no MLP module), which HF runs on tokens flattened to [T, D], and a
-query pre-scaled by head_dim^-1/2 (the attention is called with scaling 1, so RA is dL/d of the scores
+"""OPT: learned positions (added by the decoder, offset 2), blocks whose MLP is the block's own
+`fc1` -> activation -> `fc2` (no MLP module), which HF runs on tokens flattened to [T, D], and a query
+pre-scaled by head_dim^-1/2 (the attention is called with scaling 1, so RA is dL/d of the scores
 themselves; `Lens.attention_weights` folds the factor into W_Q).
 
-OPT-350m-style configs are refused with UnsupportedModelError. Two properties block them:
-- post-LayerNorm blocks (`do_layer_norm_before=False`): each block computes m = LN_1(r + attn(r)) and
-  r' = LN_2(m + mlp(m)), so the norm acts on the residual itself, not on a sublayer's output. A sound
-  decomposition exists (with the LayerNorm scale frozen at this run, LN(r + y) = g/s (P r) + g/s (P y) + b
-  with P the centring, so the residual, every head and every neuron map through the same affine part),
-  but it needs capture sites lensviz does not have today: "mid" would be the MLP's input LN_1(...)
-  (the recorded pre-hook of `final_layer_norm` there sees m + mlp(m) instead) and `Trace.write_scale`
-  would have to carry the residual term, so the recorded "mid" and head/neuron writes would be wrong;
-- projected embeddings (`word_embed_proj_dim` != `hidden_size`): project_in / project_out sit between
-  the residual stream and the (un)embedding and there is no final norm, so W_U reads project_out(h)
-  and every embedding-space lens would need E = W_U project_out.
-Pre-LayerNorm OPT (opt-125m, opt-1.3b and larger) is supported."""
+Two layouts, picked from the config (`variant`):
+
+- pre-LayerNorm (opt-125m, opt-1.3b and larger: `do_layer_norm_before=True`, `word_embed_proj_dim ==
+  hidden_size`): r_mid = r + attn(LN_1(r)), r' = r_mid + mlp(LN_2(r_mid)), a final LayerNorm;
+- post-LayerNorm with projected embeddings (opt-350m: `do_layer_norm_before=False`, `word_embed_proj_dim`
+  D_e != hidden_size D). The decoder computes h_0 = project_in(W_E[t]) + pos, then per block
+      m  = LN_1(r + attn(r))          (resid "mid": the MLP's input, also the residual it is added to)
+      r' = LN_2(m + mlp(m))           (resid "post": the next block's input)
+  and logits = W_U project_out(r_L) with no final norm. With each LayerNorm's scale frozen at this run,
+      LN(r + y) = (g / s) P r + (g / s) P y + b,   P u = u - mean(u),  s = sqrt(var(r + y) + eps),
+  an affine map of the position: the residual is carried as (g / s) P r + b (`Trace.carried`) and each
+  part of y (a head's O_h W_O,h, a neuron's a_n value_n, a bias) writes (g / s) P part (`Trace.write`,
+  `Adapter.frozen_norm_gain` with the norm's input r + y). Embedding-space lenses read W_U in residual
+  space as W_U W_out (`Adapter.unembedding_matrix`) and W_E as W_E W_in^T (`Adapter.embedding_matrix`).
+
+Other combinations (post-LN without the projections: no module would read the last block's output;
+pre-LN with them: a final norm followed by project_out) are refused with UnsupportedModelError."""
+from dataclasses import replace
+
 from ..errors import UnsupportedModelError
 from .base import Adapter
 
 
-def _check(config) -> None:
-    if not getattr(config, "do_layer_norm_before", True):
+def _variant(config):
+    post_ln = not getattr(config, "do_layer_norm_before", True)
+    projected = getattr(config, "word_embed_proj_dim", config.hidden_size) != config.hidden_size
+    if post_ln and projected:
+        return POST_LN
+    if post_ln or projected:
+        what = ("do_layer_norm_before=False with word_embed_proj_dim == hidden_size" if post_ln else
+                f"word_embed_proj_dim={config.word_embed_proj_dim} != hidden_size={config.hidden_size} with "
+                "do_layer_norm_before=True")
         raise UnsupportedModelError(
-            "OPT with do_layer_norm_before=False (post-LayerNorm, e.g. facebook/opt-350m) is not supported: each "
-            "block renormalises the residual stream, so head and neuron writes do not add up to it. Use a "
-            "pre-LayerNorm OPT (opt-125m, opt-1.3b and larger)")
-    if getattr(config, "word_embed_proj_dim", config.hidden_size) != config.hidden_size:
-        raise UnsupportedModelError(
-            f"OPT with word_embed_proj_dim={config.word_embed_proj_dim} != hidden_size={config.hidden_size} is not "
-            "supported: project_in / project_out sit between the residual stream and the (un)embedding. Use "
-            "opt-125m, opt-1.3b or larger")
+            f"OPT with {what} is not supported: lensviz handles pre-LayerNorm OPT (opt-125m, opt-1.3b and larger) "
+            "and post-LayerNorm OPT with projected embeddings (opt-350m)")
+    return None
 
 
 ADAPTER = Adapter(
@@ -54,6 +63,14 @@ ADAPTER = Adapter(
     rotary=False,
     d_mlp=lambda config: int(config.ffn_dim),
     query_scale=lambda config: (config.hidden_size // config.num_attention_heads) ** -0.5,
-    check=_check,
-    notes="learned positions; block-level MLP (flattened tokens); pre-LN only",
+    variant=_variant,
+    notes="learned positions; block-level MLP (flattened tokens); pre-LN (opt-125m, opt-1.3b+)",
 )
+
+# opt-350m: post-LayerNorm blocks (the sublayers read the residual itself; the norms after the residual
+# adds renormalise it) and project_in / project_out around the residual stream, no final norm
+POST_LN = replace(ADAPTER, family="opt_post_ln", model_types=(), final_norm=None, ln1=None, ln2=None,
+                  post_attn_norm="self_attn_layer_norm", post_mlp_norm="final_layer_norm", post_ln=True,
+                  embed_proj="model.decoder.project_in", unembed_proj="model.decoder.project_out",
+                  notes="post-LN blocks (frozen-scale LayerNorm decomposition, residual carried); project_in / "
+                        "project_out, no final norm (opt-350m)")

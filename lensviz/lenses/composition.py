@@ -428,8 +428,9 @@ def component_weight_edit(lens, layer: int, head: int, component: int, alpha: fl
     Returned in the o_proj module's own layout and dtype: the slice weight[:, h*d:(h+1)*d] ([D, d]) for
     nn.Linear, weight[h*d:(h+1)*d, :] ([d, D]) for Conv1D. The o_proj bias is untouched. With
     center=True the component is one of the centred W_OV (and the identity holds for the centred one).
-    Post-attention norms (Gemma 2/3, OLMo 2): the component is one of the folded circuit W_O diag(g)
-    (`head_weights`), so the edit is W_O <- W_O diag(g) (I - (1 - alpha) v_i v_i^T) diag(g)^-1."""
+    Post-attention norms (Gemma 2/3, OLMo 2; post-LN OPT's LayerNorm, M = P diag(g)): the component is one
+    of the folded circuit W_O M (`head_weights`), so the edit is W_O <- W_O - (1 - alpha) (W_O M v_i)
+    (v_i / g)^T, which gives W_O M (I - (1 - alpha) v_i v_i^T)."""
     layer = check_index(layer, lens.n_layers, "layer")
     head = check_index(head, lens.n_heads, "head")
     alpha = _check_alpha(alpha)
@@ -441,8 +442,10 @@ def component_weight_edit(lens, layer: int, head: int, component: int, alpha: fl
         raise LensvizError(f"layer {layer}'s post-attention norm has zero gains: an edit of its folded W_O cannot "
                            "be mapped back to o_proj")
     g = torch.ones(w64.shape[-1], dtype=torch.float64) if gain is None else gain.double()
-    folded = w64 * g
-    new = (folded - (1 - alpha) * (folded @ v)[:, None] * v[None, :]) / g
+    folded = lens.adapter.post_norm_fold(lens.model, layer, "attn", w64)  # W_O M, M = P diag(g) (P = I but LayerNorm)
+    # the edit of the folded circuit, mapped back through diag(g)^-1; v lies in the row space of W_O P diag(g),
+    # so v / g is centred and the edited W_O times M is the edited folded circuit (post-LN OPT too)
+    new = w64 - (1 - alpha) * (folded @ v)[:, None] * (v / g)[None, :]
     return lens.adapter.as_in_out(new.to(w_o.dtype)).contiguous()  # [in, out] -> module layout (an involution)
 
 

@@ -39,8 +39,10 @@ class Space:
 
 
 def unembedding(lens, *, fold_final_norm: bool = False) -> torch.Tensor:
-    """E = W_U^T [D, V] (times diag(gamma_f) row-wise when fold_final_norm), detached on CPU."""
-    e = lens.unembed_module.weight.detach().to("cpu").T
+    """E = W_U^T [D, V] (times diag(gamma_f) row-wise when fold_final_norm), detached on CPU. Where a
+    projection sits between the residual and the unembedding (OPT-350m's project_out W_out) E = (W_U W_out)^T,
+    the unembedding of residual vectors."""
+    e = lens.adapter.unembedding_matrix(lens.model).to("cpu").T  # W_U (composed with project_out: OPT-350m)
     gamma = lens.norm_gain(None)
     if fold_final_norm and gamma is not None:
         e = gamma.detach().to("cpu", e.dtype)[:, None] * e
@@ -48,8 +50,8 @@ def unembedding(lens, *, fold_final_norm: bool = False) -> torch.Tensor:
 
 
 def input_embedding(lens) -> torch.Tensor:
-    """The input embedding transposed, [D, V]."""
-    return lens.model.get_submodule(lens.adapter.embed).weight.detach().to("cpu").T
+    """The input embedding transposed, [D, V], in residual space (through project_in: OPT-350m)."""
+    return lens.adapter.embedding_matrix(lens.model).to("cpu").T
 
 
 def right_inverse(e: torch.Tensor) -> torch.Tensor:
@@ -104,9 +106,10 @@ def circuit_weights(lens, layer: int) -> dict:
       and k[g] @ M_g with M = P diag(g) (`Adapter.qk_norm_maps`): the normed query / key up to its
       positive per-vector scale 1 / s(q) and the norm's bias; scores are then exact up to the positive
       factor 1 / (s(q) s(k)) per query-key pair, so signs hold and rankings are approximate;
-    - post-attention norms (Gemma 2/3, OLMo 2): o[h] * g_post, what head h adds to the residual up to the
-      positive factor 1 / rms(y) of the summed attention output y at that position (shared by every
-      head there: the frozen-scale decomposition of `Trace.write_scale`).
+    - post-attention norms (Gemma 2/3, OLMo 2; post-LN OPT): o[h] @ M with M = diag(g_post), or P diag(g)
+      for a LayerNorm (`Adapter.post_norm_fold`), what head h adds to the residual up to the positive
+      factor 1 / rms (1 / std) of the norm's input at that position (shared by every head there: the
+      frozen-scale decomposition of `Trace.write`).
     Families without these norms get `attention_weights` unchanged."""
     layer = _layer(lens, layer)
     w = dict(lens.attention_weights(layer))
@@ -114,9 +117,7 @@ def circuit_weights(lens, layer: int) -> dict:
     for side in "qk":
         if maps[side] is not None:
             w[side] = w[side] @ maps[side].to(w[side].dtype)
-    gain = lens.adapter.post_norm_gain(lens.model, layer, "attn")
-    if gain is not None:
-        w["o"] = w["o"] * gain.to(w["o"].dtype)
+    w["o"] = lens.adapter.post_norm_fold(lens.model, layer, "attn", w["o"])
     return w
 
 
@@ -445,16 +446,15 @@ def project_write(lens, vectors: torch.Tensor, k: int = 10, *, space=None, botto
 def ffn_projections(lens, layer: int, part: str = "key", dims=None, k: int = 30, *, space=None,
                     fold_norm: bool = False, bottom: bool = False, expert: int | None = None) -> ValueTokens:
     """Projected FFN vectors of `layer`: part "key" (FF1, read side), "gate" (SwiGLU gate, read side) or
-    "value" (FF2 rows, write side; times the post-MLP norm gain where the family has one, so up to the
-    positive factor 1 / rms of the summed MLP output it is the neuron's write); dims [n] (default all F);
-    expert (MoE): expert e's. -> ValueTokens [n, k]."""
+    "value" (FF2 rows, write side; through the post-MLP norm's map where the family has one,
+    `Adapter.post_norm_fold`, so up to the positive factor of its frozen scale it is the neuron's write);
+    dims [n] (default all F); expert (MoE): expert e's. -> ValueTokens [n, k]."""
     if part not in ("key", "gate", "value"):
         raise LensvizError(f"part must be 'key', 'gate' or 'value', got {part!r}")
     dims = torch.arange(lens.d_mlp) if dims is None else check_dims(dims, lens.d_mlp)
-    if part == "value":  # post-MLP norms (Gemma 2/3, OLMo 2): values times its gain, as in circuit_weights
+    if part == "value":  # post-MLP norms (Gemma 2/3, OLMo 2, post-LN OPT): folded as in circuit_weights
         values = value_vectors(lens, layer, expert)[dims]
-        gain = lens.adapter.post_norm_gain(lens.model, _layer(lens, layer), "mlp")
-        values = values if gain is None else values * gain.to(values.dtype)
+        values = lens.adapter.post_norm_fold(lens.model, _layer(lens, layer), "mlp", values)
         return project_write(lens, values, k, space=space, bottom=bottom)
     vec = ffn_keys(lens, layer, "mlp_in" if part == "key" else "mlp_gate", fold_norm=fold_norm,
                    expert=expert)[dims]

@@ -309,7 +309,8 @@ def _value_groups(lens, layers):
 
 def index_key(lens, k: int, *, fold_norm: bool, bottom: bool, layers) -> str:
     """Cache key of a value index: model name, sizes, weight shapes and a fingerprint (strided sample,
-    sum and norm) of the unembedding, every indexed FF2 matrix (and the final-norm gain when folded),
+    sum and norm) of the unembedding (and of the projection before it, OPT-350m), every indexed FF2 matrix
+    (and the final-norm gain when folded),
     plus the options."""
     h = hashlib.sha256()
     name = str(getattr(lens.model.config, "_name_or_path", "") or type(lens.model).__name__)
@@ -318,6 +319,10 @@ def index_key(lens, k: int, *, fold_norm: bool, bottom: bool, layers) -> str:
     w_u = lens.unembed_module.weight
     h.update(repr((tuple(w_u.shape), str(w_u.dtype))).encode())
     h.update(_sample(w_u, 4096))
+    if lens.adapter.unembed_proj is not None:  # the readout is W_U W_out (OPT-350m's project_out)
+        w_out = lens.model.get_submodule(lens.adapter.unembed_proj).weight
+        h.update(repr(tuple(w_out.shape)).encode())
+        h.update(_sample(w_out, 4096))
     for layer in layers:
         for w in _ff2_matrices(lens, layer):
             h.update(repr((layer, tuple(w.shape))).encode())

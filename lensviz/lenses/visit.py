@@ -58,12 +58,6 @@ def _recorded_o(trace, layer: int) -> torch.Tensor:
     return trace.head_values(layer).transpose(0, 1)
 
 
-def _write_scale(trace, layer: int, sublayer: str, t: int) -> torch.Tensor:
-    """`Trace.write_scale` at position t: [D] or a 0-d tensor."""
-    scale = trace.write_scale(layer, sublayer)
-    return scale[t] if scale.dim() == 2 else scale
-
-
 def _is_parallel(trace) -> bool:
     return trace.adapter.is_parallel(trace.lens.model.config)
 
@@ -81,7 +75,7 @@ class AttentionParts:
     v_{g(h), j} W_O,h, the memory entry j as head h writes it. bias [D] or None: b_O.
     output [D]: sum_h head_out + b_O, the attention sublayer's write to the residual (head_out,
     memory_values and bias carry the family's write scale at t: a frozen post-norm or a residual
-    multiplier, see `Trace.write_scale`).
+    multiplier or a post-LN LayerNorm's frozen linear part, see `Trace.write`).
     """
 
     layer: int
@@ -105,10 +99,10 @@ def attention_parts(trace, layer: int, position: int = -1) -> AttentionParts:
     w = lens.attention_weights(layer)
     w_o = w["o"].to(v.dtype)  # [H, d, D]
     o = _recorded_o(trace, layer)[t]  # [H, d]
-    scale = _write_scale(trace, layer, "attn", t)  # post-norm (frozen) / residual multiplier, else 1
-    head_out = torch.einsum("hd,hdD->hD", o, w_o) * scale
-    memory = torch.matmul(v, w_o) * scale  # [H, T, D]
-    bias = None if w["bo"] is None else w["bo"].to(v.dtype) * scale
+    # post-norm (frozen) / residual multiplier / post-LN LayerNorm, else the identity: `Trace.write`
+    head_out = trace.write(layer, "attn", torch.einsum("hd,hdD->hD", o, w_o), position=t)
+    memory = trace.write(layer, "attn", torch.matmul(v, w_o), position=t)  # [H, T, D]
+    bias = None if w["bo"] is None else trace.write(layer, "attn", w["bo"].to(v.dtype), position=t)
     out = head_out.sum(0) if bias is None else head_out.sum(0) + bias
     return AttentionParts(layer, t, a, o, head_out, memory, bias, out)
 
@@ -123,7 +117,7 @@ class MLPParts:
     (GPT-2 `c_proj.weight[n]`, Llama `down_proj.weight[:, n]`). bias_in [F] / bias_out [D] or None.
     output [D]: sum_n a_n values[n] + bias_out, the MLP's write to the residual. In families whose MLP
     output passes a post-norm (frozen at this run's scale) or a residual multiplier before the add,
-    values and bias_out already carry that factor at this position (`Trace.write_scale`).
+    values and bias_out already carry that map at this position (`Trace.write`).
 
     Mixture-of-experts families: the neurons are the (expert, neuron) pairs of the k experts routed at this
     position, F = k * F_e rows in the router's order (expert experts[i], neuron neurons[i]). activation:
@@ -163,11 +157,11 @@ def mlp_parts(trace, layer: int, position: int = -1) -> MLPParts:
     if lens.adapter.gate_up:  # Phi-3 gate_up_proj: gate rows first, then up
         gate, keys = keys.chunk(2, dim=0)
         b_in = None if b_in is None else b_in.chunk(2)[1]
-    scale = _write_scale(trace, layer, "mlp", t)  # each value writes a_n * value_n * scale
-    values = as_in_out(lens.weight(layer, "mlp_out")).to(a.dtype) * scale  # [F, D]
+    # each value writes a_n * write(value_n) (`Trace.write`: linear in the value)
+    values = trace.write(layer, "mlp", as_in_out(lens.weight(layer, "mlp_out")).to(a.dtype), position=t)  # [F, D]
     b_out = lens.param(layer, "mlp_out", "bias")
     b_in = None if b_in is None else b_in.to(a.dtype)
-    b_out = None if b_out is None else b_out.to(a.dtype) * scale
+    b_out = None if b_out is None else trace.write(layer, "mlp", b_out.to(a.dtype), position=t)
     out = a @ values
     return MLPParts(layer, t, a, keys, gate, values, b_in, b_out, out if b_out is None else out + b_out)
 
@@ -179,7 +173,6 @@ def _expert_mlp_parts(trace, layer: int, t: int) -> MLPParts:
     p = experts.expert_parts(trace, layer, t)
     k, f = p.activations.shape
     dtype = p.activations.dtype
-    scale = _write_scale(trace, layer, "mlp", t)
     ups, gates, b_ins = [], [], []
     for e in p.experts.tolist():
         gate, up = ad.split_gate_up(experts.expert_keys(lens, layer, e).T)  # [D, F] each
@@ -187,9 +180,9 @@ def _expert_mlp_parts(trace, layer: int, t: int) -> MLPParts:
         ups.append(up.T.to(dtype))
         b = lens.expert_weight(layer, e, "mlp_in", "bias")
         b_ins.append(None if b is None else ad.split_gate_up(b)[1].to(dtype))
-    values = (p.weights[:, None, None] * p.values * scale).reshape(k * f, -1)  # [k F, D]
+    values = trace.write(layer, "mlp", (p.weights[:, None, None] * p.values).reshape(k * f, -1), position=t)  # [k F, D]
     a = p.activations.reshape(-1)
-    b_out = None if p.bias is None else (p.weights[:, None] * p.bias).sum(0) * scale
+    b_out = None if p.bias is None else trace.write(layer, "mlp", (p.weights[:, None] * p.bias).sum(0), position=t)
     out = a @ values
     return MLPParts(layer, t, a, torch.cat(ups), torch.cat(gates), values,
                     None if b_ins[0] is None else torch.cat(b_ins), b_out, out if b_out is None else out + b_out,
@@ -201,8 +194,12 @@ def block_vectors(trace, layer: int, position: int = -1, *, attn: AttentionParts
                   mlp: MLPParts | None = None) -> dict:
     """The residual-space vectors of one block at one position (each [D]): block_input, attn_input (first
     norm's output), attn_output, residual_after_attn (None in a parallel block), mlp_input (second norm's
-    output), mlp_output, block_output. attn_output / mlp_output are the decompositions' sums, so
-    block_output == block_input + attn_output + mlp_output holds in both block kinds."""
+    output), mlp_output, block_output, and attn_carried / mlp_carried (`Trace.carried`: the residual before
+    each sublayer as it reaches the residual after it). attn_output / mlp_output are the decompositions'
+    sums, so block_output == mlp_carried + mlp_output (and residual_after_attn == attn_carried +
+    attn_output) always hold; in additive blocks the carried vectors are the residual itself, so
+    block_output == block_input + attn_output + mlp_output too (both block kinds). Post-LN blocks
+    (OPT-350m) renormalise the residual: there the carried vectors differ from it."""
     layer, t = _layer(trace, layer), _position(trace, position)
     attn = attn if attn is not None else attention_parts(trace, layer, t)
     mlp = mlp if mlp is not None else mlp_parts(trace, layer, t)
@@ -214,6 +211,8 @@ def block_vectors(trace, layer: int, position: int = -1, *, attn: AttentionParts
         "mlp_input": trace.mlp_input(layer)[t],
         "mlp_output": mlp.output,
         "block_output": trace.resid(layer, "post")[t],
+        "attn_carried": trace.carried(layer, "attn")[t],
+        "mlp_carried": trace.carried(layer, "mlp")[t],
     }
 
 

@@ -23,7 +23,8 @@ class ActivationPatch(Patch):
     "mid" is the residual between attention and MLP as the block adds it: on families whose attention
     output passes a post-attention norm (Gemma 2/3, OLMo 2) the norm's output is set, and where a
     residual multiplier scales it (Granite) the attention output is set to (target - pre) / multiplier,
-    so the residual after the addition is the source's exactly.
+    so the residual after the addition is the source's exactly. In post-LN blocks (OPT-350m) mid is the
+    post-attention LayerNorm's output LN_1(pre + attention output): that output is set.
     """
 
     source: Trace
@@ -82,7 +83,7 @@ class ActivationPatch(Patch):
         if self.site == "pre" or (self.site == "post" and layer + 1 < lens.n_layers):
             ctx.replace_block_input(layer if self.site == "pre" else layer + 1, put)
         elif self.site == "post":  # last block: its output is the final norm's input
-            ctx.replace_input(lens.final_norm_module, put)
+            ctx.replace_input(lens.final_input_module, put)
         else:
             self._install_mid(ctx, layer, dst, src)
 
@@ -103,7 +104,8 @@ class ActivationPatch(Patch):
             out = output[0] if isinstance(output, tuple) else output
             new = out.clone()
             x = block_in["x"]
-            new[:, dst] = ((src.to(device=out.device, dtype=out.dtype) - x[:, dst]) / scale).to(out.dtype)
+            carried = 0 if ad.post_ln else x[:, dst]  # post-LN: the norm's output is mid itself
+            new[:, dst] = ((src.to(device=out.device, dtype=out.dtype) - carried) / scale).to(out.dtype)
             return (new, *output[1:]) if isinstance(output, tuple) else new
 
         ctx.pre_hook(ctx.block(layer), keep_input, with_kwargs=True)

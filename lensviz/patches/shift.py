@@ -48,9 +48,8 @@ class ShiftEdit(Patch):
     def install(self, ctx):
         lens = ctx.lens
         layer = self.first_layer(lens)
-        emb = lens.model.get_input_embeddings()
-        with materialized(lens.model, lens.adapter.embed):
-            e_t = emb.weight[ctx.base.target_id].detach().to("cpu", copy=True)
+        with materialized(lens.model, lens.adapter.embed):  # e_t in residual space (through project_in: OPT-350m)
+            e_t = lens.adapter.embedding_matrix(lens.model)[ctx.base.target_id].to("cpu", copy=True)
         eta = float(self.eta)
         if self.expert is not None:
             self._install_expert(ctx, layer, eta, e_t)

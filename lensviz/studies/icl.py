@@ -251,7 +251,7 @@ def _losses(lens, trainable: _Trainable, leaves, ids, label_pos, mode: str):
     final = nll(logits[-(n + 1):-1], targets).sum()  # the summed next-token CE of the label rows
     early = torch.zeros(0, dtype=final.dtype, device=final.device)
     if lens.n_layers > 1:  # the logit lens of blocks 0 .. L-2 at the label rows, in one unembedding
-        dev = module_device(model.get_submodule(adapter.final_norm))
+        dev = module_device(model.get_submodule(adapter.final_input))
         with torch.set_grad_enabled(mode == "layer_causal"):
             h = torch.stack([outs[layer][0, rows.to(outs[layer].device)].to(dev) for layer in range(lens.n_layers - 1)])
             lg = adapter.vocab_logits(model, h)  # [L-1, n, V], with the family's logit transform
