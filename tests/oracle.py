@@ -27,18 +27,19 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     return (a @ v).transpose(1, 2), a
 
 
-def run(model, input_ids, target_id, params_grad=False):
-    """Forward + backward of L = -log softmax(logits[-1])[target] with the oracle attention.
-    Returns dict with S, A, V (lists per layer, [1, H, T, T] / [1, H, T, d]), hidden states (retained
-    grads), logits, loss. With params_grad, parameters keep .grad (caller zeroes them)."""
+def run_with(model, input_ids, target_id, name: str, attention, state: dict, params_grad=False) -> dict:
+    """Forward + backward of L = -log softmax(logits[-1])[target] with `attention` registered under `name`
+    (HF's eager masks) and `state` (what the attention records) cleared first. Returns the recorded lists
+    of `state` plus the hidden states (retained grads), logits, loss and the input embeddings (a leaf
+    with its grad). With params_grad, parameters keep .grad (caller zeroes them)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-    AttentionInterface.register(NAME, _attention)
-    AttentionMaskInterface.register(NAME, eager_mask)
+    AttentionInterface.register(name, attention)
+    AttentionMaskInterface.register(name, eager_mask)
     prev = model.config._attn_implementation
-    model.set_attn_implementation(NAME)
-    _state.clear()
+    model.set_attn_implementation(name)
+    state.clear()
     flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
         for p, _ in flags:
@@ -46,16 +47,20 @@ def run(model, input_ids, target_id, params_grad=False):
             p.grad = None
         emb = model.get_input_embeddings()(input_ids[None]).detach().requires_grad_(True)
         out = model(inputs_embeds=emb, output_hidden_states=True, use_cache=False)
-        hs = out.hidden_states
-        for h in hs:
+        for h in out.hidden_states:
             if h.requires_grad:
                 h.retain_grad()
         loss = -torch.log_softmax(out.logits[0, -1], -1)[target_id]
         loss.backward()
-        return dict(S=list(_state["S"]), A=list(_state["A"]), V=list(_state["V"]),
-                    scaling=list(_state["scaling"]), hidden=hs, logits=out.logits[0].detach(),
-                    loss=float(loss.detach()), emb=emb)
+        return {**{k: list(v) for k, v in state.items()}, "hidden": out.hidden_states,
+                "logits": out.logits[0].detach(), "loss": float(loss.detach()), "emb": emb}
     finally:
         model.set_attn_implementation(prev)
         for p, f in flags:
             p.requires_grad_(f)
+
+
+def run(model, input_ids, target_id, params_grad=False):
+    """`run_with` the oracle attention: S, A, V (lists per layer, [1, H, T, T] / [1, H, T, d]), scaling,
+    hidden states (retained grads), logits, loss, emb."""
+    return run_with(model, input_ids, target_id, NAME, _attention, _state, params_grad)

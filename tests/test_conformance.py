@@ -16,7 +16,7 @@ import torch
 
 import lensviz as lv
 from lensviz.lenses import backward as bl
-from tests import models
+from tests import models, oracle
 
 PROMPT = "I like Italy and France. I visited the city of"
 TARGET = " Paris"
@@ -177,8 +177,8 @@ def build(family: str, dtype=torch.float64, seed: int = 0):
     return model.eval()
 
 
-@pytest.fixture(scope="module")
-def lenses():
+def family_lenses():
+    """family -> Lens of the family's tiny float64 model, each built once (the `lenses` fixtures)."""
     cache = {}
 
     def get(family):
@@ -187,6 +187,11 @@ def lenses():
         return cache[family]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def lenses():
+    return family_lenses()
 
 
 @pytest.fixture(scope="module")
@@ -238,32 +243,7 @@ def reference(model, input_ids, target_id, params_grad=False):
     """Forward + backward of L = -log softmax(logits[-1])[target] through `_reference_attention`
     (HF's eager masks: additive, with the sliding windows). Returns S, A per layer (retained grads),
     the hidden states (retained grads), logits and loss; with params_grad, parameters keep .grad."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, eager_mask
-
-    AttentionInterface.register(_REF, _reference_attention)
-    AttentionMaskInterface.register(_REF, eager_mask)
-    prev = model.config._attn_implementation
-    model.set_attn_implementation(_REF)
-    _state.clear()
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        for p, _ in flags:
-            p.requires_grad_(params_grad)
-            p.grad = None
-        emb = model.get_input_embeddings()(input_ids[None]).detach().requires_grad_(True)
-        out = model(inputs_embeds=emb, output_hidden_states=True, use_cache=False)
-        for h in out.hidden_states:
-            if h.requires_grad:
-                h.retain_grad()
-        loss = -torch.log_softmax(out.logits[0, -1], -1)[target_id]
-        loss.backward()
-        return dict(S=list(_state["S"]), A=list(_state["A"]), hidden=out.hidden_states,
-                    logits=out.logits[0].detach(), loss=float(loss.detach()))
-    finally:
-        model.set_attn_implementation(prev)
-        for p, f in flags:
-            p.requires_grad_(f)
+    return oracle.run_with(model, input_ids, target_id, _REF, _reference_attention, _state, params_grad)
 
 
 def rel(a, b):

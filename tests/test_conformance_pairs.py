@@ -8,8 +8,7 @@ import pytest
 import torch
 
 import lensviz as lv
-from tests import models
-from tests.test_conformance import CONFIGS, FAMILIES, PROMPT, T32, build
+from tests.test_conformance import CONFIGS, FAMILIES, PROMPT, T32, family_lenses
 
 MULTI = " Paris France"  # two tokens with the test tokenizer
 CORRUPT = "I like Italy and city. I visited the city of"  # " France" -> " city": same token length
@@ -19,14 +18,7 @@ LAYER_SITE_CELLS = [(0, 3), (1, 19), (2, 9)]  # (layer, position) cells checked 
 
 @pytest.fixture(scope="module")
 def lenses():
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            cache[family] = lv.Lens(build(family), models.tokenizer())
-        return cache[family]
-
-    return get
+    return family_lenses()
 
 
 def rel(a, b):

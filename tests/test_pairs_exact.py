@@ -16,8 +16,7 @@ import pytest
 import torch
 
 import lensviz as lv
-from tests import models
-from tests.test_conformance import CONFIGS, PROMPT, T32, build
+from tests.test_conformance import CONFIGS, PROMPT, T32, family_lenses
 from tests.test_conformance_pairs import CORRUPT, DISTRACTOR, MULTI, _ScoreGrads
 
 FAMILIES = ["gpt2", "olmo2", "gemma2", "granite", "gptj", "phi", "opt350"]
@@ -29,14 +28,7 @@ CELLS = [(0, 4), (1, 11), (2, 2), (2, 7)]  # (layer, position) of the hand-check
 
 @pytest.fixture(scope="module")
 def lenses():
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            cache[family] = lv.Lens(build(family), models.tokenizer())
-        return cache[family]
-
-    return get
+    return family_lenses()
 
 
 def atol(family):
