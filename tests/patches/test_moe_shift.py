@@ -15,7 +15,7 @@ from lensviz.lenses import experts as ex
 from lensviz.patches.base import Patch
 from tests import models
 from tests.conftest import PROMPT
-from tests.test_conformance import build
+from tests.test_conformance import family_lenses
 
 TARGET = " Paris"
 MOE = ["mixtral", "qwen3_moe", "gpt_oss"]
@@ -23,14 +23,7 @@ MOE = ["mixtral", "qwen3_moe", "gpt_oss"]
 
 @pytest.fixture(scope="module")
 def lenses():
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            cache[family] = lv.Lens(build(family), models.tokenizer())
-        return cache[family]
-
-    return get
+    return family_lenses()
 
 
 def rel(a, b):
