@@ -263,7 +263,7 @@ class Trace:
             if key in cache:
                 full = cache[key]
                 return TopK(ids=full.ids[:, idx], probs=full.probs[:, idx], target_rank=full.target_rank[:, idx],
-                            _strings=full._strings)
+                            _strings=self.lens.token_strings)
             rows = torch.stack([self._site(site, layer)[idx] for layer in range(self.n_layers)])
             return project(self.lens, rows, k, target=self.target_id)
         if key not in cache:
