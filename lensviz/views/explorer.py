@@ -95,7 +95,7 @@ def patch_code(patches) -> str:
     return "(" + ", ".join(fmt(p) for p in patches) + ("," if len(patches) == 1 else "") + ")"
 
 
-def t_small(trace) -> bool:
+def whole_grid(trace) -> bool:
     """Whether the Explorer sends this trace's whole logit-lens grid at once (up to GRID_FULL_UPTO tokens)."""
     return len(trace) <= GRID_FULL_UPTO
 
@@ -247,7 +247,7 @@ class Explorer(StepThrough, pairs.Pairs, anywidget.AnyWidget):
             self.tokens = list(tr.tokens)
             self.summary = payload.summary(self.lens, tr, elapsed)
             self.base_summary = payload.summary(self.lens, base)
-            self.diff = P.compare(base, tr, grid=t_small(tr)) if objs else {}
+            self.diff = P.compare(base, tr, grid=whole_grid(tr)) if objs else {}
             self.code = patch_code(objs) if objs else ""
             sel = dict(self.selection or {})
             t = len(tr)
@@ -275,7 +275,7 @@ class Explorer(StepThrough, pairs.Pairs, anywidget.AnyWidget):
         """A new grid generation for the trace and site shown: the whole grid (short prompts) or its first
         windows (long ones, lazy: the rest on request, changed cells marked per window)."""
         tr, base, site = self.trace, self.base, self.site
-        lazy = not t_small(tr)
+        lazy = not whole_grid(tr)
         gen = self._grid[0] + 1
         self._grid_windows = {}
         self._grid = (gen, tr, base if tr is not base else None, site, lazy)
@@ -307,7 +307,8 @@ class Explorer(StepThrough, pairs.Pairs, anywidget.AnyWidget):
 
     def full_grid_state(self) -> dict:
         """The grid traits (and diff) with the whole [L, T] grid, as a short prompt has them: for exports
-        and snapshots that have no kernel to ask for windows. Computes what was not sent (the full grid)."""
+        (no kernel there to ask for windows). Computes what was not sent: the whole grid, and for a patched
+        long prompt the diff's changed cells (lv.compare, both runs' whole grids)."""
         gen, tr, base, site, _ = self._grid
         meta, (ids, probs, ranks) = payload.logit_lens_grid(tr, site)
         meta.update(gen=gen, lazy=False, window=len(tr))

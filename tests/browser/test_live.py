@@ -3,7 +3,8 @@ both ways, each step's view checked against Python), the selected set of tokens 
 keyboard; attention / Reversed Attention show the sum over the set, the logit lens highlights it), the
 eta slider dragged over 20 values (the kernel runs the model a handful of times and shows the last
 value), Stop during a long run (ends within about a layer, leaves nothing behind), and a T=2048 prompt
-(small initial state, first render in under 2 s, the grid stays responsive; past the model's limit a
+(small initial state, first render in under 2 s, the grid stays responsive, and the logit-lens cells
+of a window scrolled to far right arrive from the kernel and equal Python's; past the model's limit a
 clear error). Every view is screenshotted (tests/browser/artifacts/view-*.png)."""
 from __future__ import annotations
 
