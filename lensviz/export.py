@@ -1,7 +1,8 @@
 """Self-contained offline HTML: the Explorer's views and their data in one file that opens from file://
 with no network. JS and CSS are inlined; the widget state and a set of precomputed view answers are
 embedded as gzip-compressed binary (base64). Without a kernel nothing re-runs: selections, hovers and
-tabs work on what was exported."""
+tabs work on what was exported. The logit-lens grid is always exported whole ([L, T]), also for the long
+prompts whose live Explorer computes it window by window."""
 from __future__ import annotations
 
 import base64
@@ -125,6 +126,8 @@ def export_html(explorer_or_trace, path, *, title: str | None = None) -> pathlib
     else:
         raise LensvizError(f"export_html takes an Explorer or a Trace, got {type(explorer_or_trace).__name__}")
     state = {k: v for k, v in ex.get_state().items() if not k.startswith("_") or k == "_modules"}
+    if ex.grid_meta.get("lazy"):     # a long prompt's grid came in windows: the page gets all of it
+        state.update(ex.full_grid_state())
     state["_explorer"] = (STATIC / "explorer.js").read_text()
     state["_static"] = True          # the page has no kernel: explorer.js words its note for that
     state["error"] = ""              # nothing has gone wrong on a page that has just opened

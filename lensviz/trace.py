@@ -15,7 +15,7 @@ import torch
 from .attention import (attention_probs, causal_allowed, edited_probs, edited_scores, repeat_kv, softcap_slope,
                         softmax_rows)
 from .capture import Recording
-from .checks import check_index, check_site
+from .checks import check_index, check_index_list, check_site
 from .errors import LensvizError
 from .hf import module_device
 from .vocab import TopK, project
@@ -293,12 +293,24 @@ class Trace:
         return self._site("router_experts", layer), self._site("router_weights", layer)
 
     # vocabulary --------------------------------------------------------------------------------------
-    def logit_lens(self, k: int = 10, site: str = "post") -> TopK:
+    def logit_lens(self, k: int = 10, site: str = "post", positions=None) -> TopK:
         """Vocabulary projection proj(v) = softmax(W_U N_f(v)) of resid(l, site) for every layer l and
-        position: `TopK` with leading dims [n_layers, T] and target_rank for this trace's target (cached)."""
+        position: `TopK` with leading dims [n_layers, T] and target_rank for this trace's target (cached).
+
+        positions: None (all, cached) or an int / list / range of positions (negatives count from the end)
+        -> leading dims [n_layers, len(positions)], the same cells in one batched projection of only those
+        rows (sliced from the cached full grid where that exists; not cached itself)."""
         site = check_site(site)
         key = ("logit_lens", k, site)
         cache = self.__dict__.setdefault("_cache", {})
+        if positions is not None:
+            idx = torch.tensor(check_index_list(positions, len(self), "positions", "position", sort=False))
+            if key in cache:
+                full = cache[key]
+                return TopK(ids=full.ids[:, idx], probs=full.probs[:, idx], target_rank=full.target_rank[:, idx],
+                            _strings=self.lens.token_strings)
+            rows = torch.stack([self._site(site, layer)[idx] for layer in range(self.n_layers)])
+            return project(self.lens, rows, k, target=self.target_id)
         if key not in cache:
             stacked = torch.stack([self._site(site, layer) for layer in range(self.n_layers)])
             cache[key] = project(self.lens, stacked, k, target=self.target_id)

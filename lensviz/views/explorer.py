@@ -1,6 +1,12 @@
 """The Explorer: one anywidget with linked views over a trace, re-running the model when the prompt,
 target or patch set changes. Small traitlets are the state; heavy arrays travel as binary buffers,
 in the initial state only for the logit-lens grid and head norms, the rest on request per view.
+
+The logit-lens grid: prompts of up to GRID_FULL_UPTO tokens get the whole [L, T] grid in the state.
+Longer ones get only the columns the grid first shows (the first GRID_FIRST positions, where the grid
+opens scrolled, and the window of the selected position) and the browser asks for the rest window by
+window (GRID_WINDOW positions, one batched projection each: request "grid") as it scrolls there. Every
+re-run or site change starts a new grid generation ("gen"): cached windows of the old one are dropped.
 """
 from __future__ import annotations
 
@@ -26,6 +32,9 @@ STATIC = pathlib.Path(__file__).parent / "static"
 VIEW_MODULES = ("util", "tokens", "logitlens", "attention", "neurons", "backward", "flow", "masks", "patches",
                 "vgrid", "scales", "livefeel", "steps", "pairs", "patching")
 GRADIENT_TABS = ("reversed", "backward", "flow")
+GRID_FULL_UPTO = 256   # prompts up to this many tokens get the whole logit-lens grid in the first state
+GRID_WINDOW = 32       # longer prompts: the grid comes in windows of this many positions, on request
+GRID_FIRST = 64        # ... of which the first state carries the first GRID_FIRST positions and the selection's window
 
 
 def view_sources() -> dict[str, str]:
@@ -86,6 +95,16 @@ def patch_code(patches) -> str:
     return "(" + ", ".join(fmt(p) for p in patches) + ("," if len(patches) == 1 else "") + ")"
 
 
+def whole_grid(trace) -> bool:
+    """Whether the Explorer sends this trace's whole logit-lens grid at once (up to GRID_FULL_UPTO tokens)."""
+    return len(trace) <= GRID_FULL_UPTO
+
+
+def window_positions(window: int, t: int) -> range:
+    """The positions of grid window `window` of a T-token grid: [window * GRID_WINDOW, ...) cut at T."""
+    return range(window * GRID_WINDOW, min(t, (window + 1) * GRID_WINDOW))
+
+
 class Explorer(StepThrough, pairs.Pairs, anywidget.AnyWidget):
     """Linked views of one prompt: token strip, logit lens, attention / Reversed Attention, neurons,
     Backward Lens, flow graph and a patch panel that re-runs the model.
@@ -114,6 +133,7 @@ class Explorer(StepThrough, pairs.Pairs, anywidget.AnyWidget):
     grid_ids = traitlets.Bytes(b"").tag(sync=True)
     grid_probs = traitlets.Bytes(b"").tag(sync=True)
     grid_ranks = traitlets.Bytes(b"").tag(sync=True)
+    grid_changed = traitlets.Bytes(b"").tag(sync=True)   # long prompts: uint8 changed-by-the-patches flags
     norms_meta = traitlets.Dict().tag(sync=True)
     norms = traitlets.Bytes(b"").tag(sync=True)
     patches = traitlets.List().tag(sync=True)
@@ -181,6 +201,8 @@ class Explorer(StepThrough, pairs.Pairs, anywidget.AnyWidget):
         self._patch_objs = ()
         self._stepping = None
         self._step_cache = {}
+        self._grid = (0, None, None, "post", False)     # (gen, trace, base, site, lazy) of the grid shown
+        self._grid_windows = {}                          # (gen, window) -> (meta, buffers), the answered ones
         thread = host_thread()
         self._worker = Worker(self._report_progress, background=thread is not None, thread_class=thread or Thread)
         self.model_name = lens.name   # hub id, folder name or "... (embedded)": never an absolute path
@@ -225,7 +247,7 @@ class Explorer(StepThrough, pairs.Pairs, anywidget.AnyWidget):
             self.tokens = list(tr.tokens)
             self.summary = payload.summary(self.lens, tr, elapsed)
             self.base_summary = payload.summary(self.lens, base)
-            self.diff = P.compare(base, tr) if objs else {}
+            self.diff = P.compare(base, tr, grid=whole_grid(tr)) if objs else {}
             self.code = patch_code(objs) if objs else ""
             sel = dict(self.selection or {})
             t = len(tr)
@@ -250,8 +272,50 @@ class Explorer(StepThrough, pairs.Pairs, anywidget.AnyWidget):
             pass                 # the grid's own request then shows the reason in the widget
 
     def _send_grid(self):
-        meta, (ids, probs, ranks) = payload.logit_lens_grid(self.trace, self.site)
-        self.grid_meta, self.grid_ids, self.grid_probs, self.grid_ranks = meta, ids, probs, ranks
+        """A new grid generation for the trace and site shown: the whole grid (short prompts) or its first
+        windows (long ones, lazy: the rest on request, changed cells marked per window)."""
+        tr, base, site = self.trace, self.base, self.site
+        lazy = not whole_grid(tr)
+        gen = self._grid[0] + 1
+        self._grid_windows = {}
+        self._grid = (gen, tr, base if tr is not base else None, site, lazy)
+        positions = None
+        if lazy:
+            first = set(range(min(GRID_FIRST, len(tr))))
+            first |= set(window_positions(self.selection.get("position", len(tr) - 1) // GRID_WINDOW, len(tr)))
+            positions = sorted(first)
+        meta, bufs = payload.logit_lens_grid(tr, site, positions, base=self._grid[2] if lazy else None)
+        meta.update(gen=gen, lazy=lazy, window=GRID_WINDOW if lazy else len(tr))
+        self.grid_meta, self.grid_ids, self.grid_probs, self.grid_ranks = meta, *bufs[:3]
+        self.grid_changed = bufs[3] if len(bufs) > 3 else b""
+
+    def grid_window(self, window) -> tuple[dict, list[bytes]]:
+        """The logit-lens grid's positions [window * GRID_WINDOW, (window + 1) * GRID_WINDOW) of the trace and
+        site shown, as `payload.logit_lens_grid` (meta also: gen, the grid generation it belongs to, and
+        window); answered once per generation (cached). Raises LensvizError for a window out of range."""
+        gen, tr, base, site, lazy = self._grid       # one read: a re-run in the worker thread replaces it whole
+        if tr is None:
+            raise LensvizError("no trace yet")
+        n = -(-len(tr) // GRID_WINDOW)
+        window = check_int(window, "window", 0, n - 1)
+        hit = self._grid_windows.get((gen, window))
+        if hit is None:
+            meta, bufs = payload.logit_lens_grid(tr, site, window_positions(window, len(tr)), base=base)
+            meta.update(gen=gen, lazy=lazy, window=GRID_WINDOW, index=window)
+            hit = self._grid_windows[(gen, window)] = (meta, bufs)
+        return hit
+
+    def full_grid_state(self) -> dict:
+        """The grid traits (and diff) with the whole [L, T] grid, as a short prompt has them: for exports
+        (no kernel there to ask for windows). Computes what was not sent: the whole grid, and for a patched
+        long prompt the diff's changed cells (lv.compare, both runs' whole grids)."""
+        gen, tr, base, site, _ = self._grid
+        meta, (ids, probs, ranks) = payload.logit_lens_grid(tr, site)
+        meta.update(gen=gen, lazy=False, window=len(tr))
+        out = {"grid_meta": meta, "grid_ids": ids, "grid_probs": probs, "grid_ranks": ranks, "grid_changed": b""}
+        if self._patch_objs and "changed" not in (self.diff or {}):
+            out["diff"] = P.compare(self.base, tr)
+        return out
 
     @traitlets.observe("site")
     def _site_changed(self, change):
@@ -348,6 +412,8 @@ class Explorer(StepThrough, pairs.Pairs, anywidget.AnyWidget):
         if what == "flow":
             layers = req.get("layers")
             return payload.flow_graph(tr, pos(), None if layers is None else _int_list(layers, "layers")), []
+        if what == "grid":
+            return self.grid_window(req.get("window"))
         if what == "search":
             return payload.value_search(lens, req.get("token")), []
         if what == "masks":

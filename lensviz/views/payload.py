@@ -7,6 +7,7 @@ import weakref
 
 import torch
 
+from ..checks import check_index_list
 from ..errors import LensvizError
 from ..lenses import reversed as rev
 from ..lenses.backward import backward_lens
@@ -53,12 +54,40 @@ def summary(lens, trace, elapsed: float | None = None) -> dict:
     }
 
 
-def logit_lens_grid(trace, site: str = "post") -> tuple[dict, list[bytes]]:
-    """Top-1 token per (layer, position): meta + [ids int32 [L,T], probs uint8 [L,T], target rank int32 [L,T]]."""
-    ll = trace.logit_lens(k=1, site=site)
+def column_runs(positions) -> list[list[int]]:
+    """Sorted distinct positions -> their runs of consecutive positions as [start, stop) pairs."""
+    runs = []
+    for p in positions:
+        if runs and runs[-1][1] == p:
+            runs[-1][1] = p + 1
+        else:
+            runs.append([p, p + 1])
+    return runs
+
+
+def logit_lens_grid(trace, site: str = "post", positions=None, base=None) -> tuple[dict, list[bytes]]:
+    """Top-1 token per (layer, position) of the logit lens at `site`, for every position (positions None)
+    or the given ones (sorted, de-duplicated; one batched projection of only those rows):
+    meta + [ids int32 [L, n], probs uint8 [L, n], target rank int32 [L, n]] with n the number of
+    positions, columns in position order. meta: site, shape [L, T] (the whole grid's), columns (the runs
+    of positions sent, [start, stop) pairs), strings ({id: text} of the ids sent). base: the unpatched
+    trace of a patched one: a fourth buffer, uint8 [L, n], is 1 where the top-1 token differs from base's
+    (meta "changed": true)."""
+    t = len(trace)
+    if positions is None:
+        ll, cols = trace.logit_lens(k=1, site=site), [[0, t]]
+        ref = base.logit_lens(k=1, site=site) if base is not None else None
+    else:
+        idx = check_index_list(positions, t, "positions", "position")
+        ll, cols = trace.logit_lens(k=1, site=site, positions=idx), column_runs(idx)
+        ref = base.logit_lens(k=1, site=site, positions=idx) if base is not None else None
     ids = ll.ids[..., 0]
-    meta = {"site": site, "shape": list(ids.shape), "strings": strings_for(trace.lens, ids)}
-    return meta, [_i32(ids), _u8(ll.probs[..., 0]), _i32(ll.target_rank)]
+    meta = {"site": site, "shape": [ids.shape[0], t], "columns": cols, "strings": strings_for(trace.lens, ids),
+            "changed": ref is not None}
+    bufs = [_i32(ids), _u8(ll.probs[..., 0]), _i32(ll.target_rank)]
+    if ref is not None:
+        bufs.append((ids != ref.ids[..., 0]).to(torch.uint8).contiguous().numpy().tobytes())
+    return meta, bufs
 
 
 def cell_topk(trace, layer: int, position: int, site: str = "post", k: int = 10) -> dict:

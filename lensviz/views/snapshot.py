@@ -68,6 +68,7 @@ def _css() -> str:
         f"{s} table.s-grid{{margin:0;table-layout:auto;border:none;border-collapse:collapse;font:11px/1.4 ui-monospace,Menlo,Consolas,'DejaVu Sans Mono',monospace}}",
         f"{s} table.s-grid th{{background:var(--s-bg);font-weight:normal;color:var(--s-muted);padding:0 2px;white-space:pre;text-align:left}}",
         f"{s} table.s-grid td{{text-align:left;border:1px solid var(--s-bg);padding:0 3px;white-space:pre}}",
+        f"{s} table.s-grid .s-gap{{color:var(--s-muted);text-align:center}}",
         f"{s} .s-map{{image-rendering:pixelated;border:1px solid var(--s-line)}}",
         f"{s} figure{{margin:0;min-width:0}} {s} figcaption{{color:var(--s-muted)}}",
         f"{s} .s-gridfig{{flex:1 1 420px}} {s} .s-gridwrap{{overflow:auto;max-width:100%;max-height:480px}}",
@@ -196,18 +197,29 @@ def snapshot_html(ex) -> str:
     pair = _pair_html(ex, pos)
     parts.append(pair or _strip(toks, {pos: " s-sel"}))     # a pair's corrupt row is the token strip
 
-    # logit-lens grid: rows from the last layer down, 8 probability shades
-    meta, (ids_b, probs_b, _ranks) = payload.logit_lens_grid(tr, ex.site)
+    # logit-lens grid: rows from the last layer down, 8 probability shades; the columns the Explorer's
+    # state holds (a long prompt's: its first windows, with a gap cell between runs; see explorer.py)
+    meta = ex.grid_meta
     n_layers, t = meta["shape"]
-    ids = np.frombuffer(ids_b, dtype="<i4").reshape(n_layers, t)
-    shade = np.minimum(np.frombuffer(probs_b, dtype=np.uint8).reshape(n_layers, t).astype(int) * STEPS // 256, STEPS - 1)
+    runs = meta["columns"]
+    cols = [j for a, b in runs for j in range(a, b)]
+    ids = np.frombuffer(ex.grid_ids, dtype="<i4").reshape(n_layers, len(cols))
+    shade = np.minimum(np.frombuffer(ex.grid_probs, dtype=np.uint8).reshape(n_layers, len(cols)).astype(int)
+                       * STEPS // 256, STEPS - 1)
     cells = {k: _e(_clip(_show(v), CLIP)) for k, v in meta["strings"].items()}
-    rows = ["<tr><th></th>" + "".join(f"<th>{_e(_clip(_show(x), 6))}</th>" for x in toks) + "</tr>"]
+    starts = {sum(b - a for a, b in runs[:i]) for i in range(1, len(runs))}    # a gap before these columns
+
+    def row(head, cell, tag="td"):
+        gap = f'<{tag} class="s-gap">…</{tag}>'
+        return head + "".join((gap if i in starts else "") + cell(i, j) for i, j in enumerate(cols)) + "</tr>"
+
+    rows = [row("<tr><th></th>", lambda i, j: f"<th>{_e(_clip(_show(toks[j]), 6))}</th>", "th")]
     for li in range(n_layers - 1, -1, -1):
-        rows.append(f"<tr><th>L{li}</th>" + "".join(
-            f'<td class="p{shade[li, j]}">{cells[str(ids[li, j])]}</td>' for j in range(t)) + "</tr>")
+        rows.append(row(f"<tr><th>L{li}</th>", lambda i, j: f'<td class="p{shade[li, i]}">{cells[str(ids[li, i])]}</td>'))
+    shown = "" if len(cols) == t else (" (positions " + ", ".join(f"{a}–{b - 1}" for a, b in runs) +
+                                       f" of {t}: the interactive view computes the rest as it scrolls)")
     grid = (f'<figure class="s-gridfig"><figcaption>Logit lens ({_e(meta["site"])}): top-1 token per layer and position, '
-            f'shaded by its probability</figcaption><div class="s-gridwrap"><table class="s-grid">{"".join(rows)}</table>'
+            f'shaded by its probability{shown}</figcaption><div class="s-gridwrap"><table class="s-grid">{"".join(rows)}</table>'
             "</div></figure>")
 
     amap, (abuf,) = payload.attention_map(tr, layer, head, "forward")

@@ -3,7 +3,8 @@ both ways, each step's view checked against Python), the selected set of tokens 
 keyboard; attention / Reversed Attention show the sum over the set, the logit lens highlights it), the
 eta slider dragged over 20 values (the kernel runs the model a handful of times and shows the last
 value), Stop during a long run (ends within about a layer, leaves nothing behind), and a T=2048 prompt
-(small initial state, first render in under 2 s, the grid stays responsive; past the model's limit a
+(small initial state, first render in under 2 s, the grid stays responsive, and the logit-lens cells
+of a window scrolled to far right arrive from the kernel and equal Python's; past the model's limit a
 clear error). Every view is screenshotted (tests/browser/artifacts/view-*.png)."""
 from __future__ import annotations
 
@@ -270,6 +271,35 @@ RESPONSIVE_JS = """async () => {
 }"""
 
 
+# Scroll far right (past the columns of the first state), then wait until the cells in view have
+# arrived from the kernel ("grid" window requests). Every frame meanwhile records each drawn cell that
+# is not a loading placeholder, so that a wrong cell shown even for one frame is caught.
+FAR_RIGHT_JS = """async (fraction) => {
+  const ex = [...document.querySelectorAll('.lv-explorer')].find((e) => e.querySelectorAll('.lv-token').length > 1000);
+  const wrap = ex.querySelector('.lv-grid-wrap'), table = ex.querySelector('.lv-grid');
+  const frame = () => new Promise((r) => requestAnimationFrame(() => r()));
+  const seen = new Set(), out = {loading_frames: 0};
+  const look = () => {
+    for (const c of table.querySelectorAll('td.lv-cell')) {
+      if (c.dataset.loading) continue;
+      seen.add(JSON.stringify([+c.dataset.layer, +c.dataset.pos, c.dataset.token, +c.dataset.rank]));
+    }
+  };
+  const before = table.dataset.columns, t0 = performance.now();
+  wrap.scrollLeft = wrap.scrollWidth * fraction;
+  while (table.dataset.columns === before && performance.now() - t0 < 10000) { look(); await frame(); }
+  out.columns = table.dataset.columns;
+  out.placeholders = table.querySelectorAll('td.lv-loading').length;
+  while (table.dataset.loading !== 'false' && performance.now() - t0 < 60000) { out.loading_frames++; look(); await frame(); }
+  look();
+  out.arrive_ms = table.dataset.loading === 'false' ? performance.now() - t0 : -1;
+  out.drawn = table.querySelectorAll('td.lv-cell').length;
+  out.still_loading = table.querySelectorAll('td.lv-loading').length;
+  out.seen = [...seen].map((x) => JSON.parse(x));
+  return out;
+}"""
+
+
 def state_bytes(ex) -> dict:
     """The widget's initial state as sent: bytes of binary traits, JSON length of the rest; code = the
     front-end sources (_esm, _css, _modules), data = the rest (benchmarks/bench_widget.py counts alike)."""
@@ -296,7 +326,10 @@ def long_prompt(lens, n: int) -> str:
 def test_long_prompt_renders_fast_and_past_the_limit_is_a_clear_error(tmp_path, lab, page, artifacts):
     long_lens = lv.Lens(models.build("llama", dtype=torch.float32), models.tokenizer(), max_tokens=4096)
     text = long_prompt(long_lens, T_LONG)
-    size = state_bytes(lv.Explorer(long_lens, text))
+    long_ex = lv.Explorer(long_lens, text)
+    size = state_bytes(long_ex)
+    # the grid comes in windows: the first state holds only the first columns and the selection's window
+    assert long_ex.grid_meta["lazy"] and sum(b - a for a, b in long_ex.grid_meta["columns"]) < T_LONG // 10
     print(f"\nT={T_LONG}: initial state {size['total']:,} B, of which data {size['data']:,} B, code {size['code']:,} B")
     assert size["data"] <= 1_000_000 and size["total"] <= 1_000_000 + size["code"]
 
@@ -325,9 +358,26 @@ def test_long_prompt_renders_fast_and_past_the_limit_is_a_clear_error(tmp_path, 
           f"{r['cells']} cells), click -> selected {r['click_ms']:.0f} ms, arrow key -> moved {r['key_ms']:.0f} ms")
     assert 0 <= r["scroll_ms"] < 500 and 0 <= r["click_ms"] < 1000 and 0 <= r["key_ms"] < 1000
     assert r["cells"] < 3 * 100
+    # far right, past the first state's columns: the cells in view arrive and are Python's logit lens
+    far = page.evaluate(FAR_RIGHT_JS, 0.9)
+    c0, c1 = map(int, far["columns"].split("-"))
+    first = {j for a, b in long_ex.grid_meta["columns"] for j in range(a, b)}
+    print(f"T={T_LONG} far right: columns {far['columns']}, {far['placeholders']} loading placeholders, cells arrived "
+          f"{far['arrive_ms']:.0f} ms after the scroll; {len(far['seen'])} distinct cells seen while waiting")
+    assert not set(range(c0, c1)) & first and far["placeholders"] > 0     # not in the first state: asked for
+    assert 0 <= far["arrive_ms"] < 30_000 and far["still_loading"] == 0 and far["drawn"] == long_lens.n_layers * (c1 - c0)
+    ll = long_ex.trace.logit_lens(k=1)
+    strings = long_lens.token_strings
+    want = {(la, j): (strings[int(ll.ids[la, j, 0])], int(ll.target_rank[la, j]) + 1)
+            for la in range(long_lens.n_layers) for j in range(T_LONG)}
+    shown = {(la, j) for la, j, _, _ in far["seen"]}
+    assert {(la, j) for la in range(long_lens.n_layers) for j in range(c0, c1)} <= shown
+    wrong = [c for c in far["seen"] if want[(c[0], c[1])] != (c[2], c[3])]
+    assert wrong == []                                  # no cell was ever drawn with another cell's token
     big.screenshot(path=str(artifacts / "view-long-prompt.png"))
     (artifacts / "long-prompt.json").write_text(json.dumps({"T": T_LONG, "state": size, "first_s": first_s,
-                                                            "map_s": map_s, **r}, indent=1))
+                                                            "map_s": map_s, **r, "far_arrive_ms": far["arrive_ms"],
+                                                            "far_columns": far["columns"]}, indent=1))
 
     # past the model's limit (64 tokens for the tiny model): a clear error in the widget, no traceback
     small = page.locator(".lv-explorer").first

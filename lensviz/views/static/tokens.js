@@ -31,7 +31,8 @@ export function mount(ctx, header, strip) {
       pred.append(h("span", { class: "lv-diff " + (up ? "lv-up" : "lv-down") }, up ? " ▲" : " ▼", " patched: ",
         h("span", { class: "lv-patched-prob", "data-prob": d.prob_after, text: pct(d.prob_after) }),
         " rank ", h("span", { class: "lv-patched-rank", title: "1 = top", text: String(d.rank_after + 1) }),
-        ` · KL ${d.kl.toFixed(3)} · top-1 ${show(d.top1_after)} · ${d.changes.length} cells changed`));
+        ` · KL ${d.kl.toFixed(3)} · top-1 ${show(d.top1_after)}` +
+          (d.changes ? ` · ${d.changes.length} cells changed` : " · changed cells underlined in the grid")));
     }
     pred.append(h("span", { class: "lv-next" }, " next: ",
       ...s.top.slice(0, 3).map((t) => h("span", { class: "lv-chip", text: `${show(t.token)} ${pct(t.prob)}` }))));
