@@ -7,6 +7,9 @@ Longer ones get only the columns the grid first shows (the first GRID_FIRST posi
 opens scrolled, and the window of the selected position) and the browser asks for the rest window by
 window (GRID_WINDOW positions, one batched projection each: request "grid") as it scrolls there. Every
 re-run or site change starts a new grid generation ("gen"): cached windows of the old one are dropped.
+The head norms (||A||_F and ||RA||_F of every head, [2, L, H]) ride in the state the same way: whole up to
+GRID_FULL_UPTO tokens; for longer prompts `norms_meta` says "lazy" and the views ask for them (request
+"norms", computed once per run) only when one shows them, since at T=2048 they cost more than the run.
 """
 from __future__ import annotations
 
@@ -202,6 +205,7 @@ class Explorer(StepThrough, pairs.Pairs, anywidget.AnyWidget):
         self._stepping = None
         self._step_cache = {}
         self._grid = (0, None, None, "post", False)     # (gen, trace, base, site, lazy) of the grid shown
+        self._norms = (None, None)                       # (trace, (meta, buffers) once computed) of the norms
         self._grid_windows = {}                          # (gen, window) -> (meta, buffers), the answered ones
         thread = host_thread()
         self._worker = Worker(self._report_progress, background=thread is not None, thread_class=thread or Thread)
@@ -257,8 +261,7 @@ class Explorer(StepThrough, pairs.Pairs, anywidget.AnyWidget):
             sel.setdefault("head", 0)
             self.selection = sel
             self._send_grid()
-            meta, (buf,) = payload.head_norms(tr)
-            self.norms_meta, self.norms = meta, buf
+            self._send_norms()
             self.pair = self.pair_state()
             self.error = ""
             self.status = f"{t} tokens" + (f" · ran in {elapsed:.2f} s" if elapsed is not None else "") + self._step_note()
@@ -270,6 +273,32 @@ class Explorer(StepThrough, pairs.Pairs, anywidget.AnyWidget):
             self.head_measure("dla")
         except LensvizError:
             pass                 # the grid's own request then shows the reason in the widget
+
+    def _send_norms(self) -> None:
+        """The head norms of the trace shown: in the state (short prompts), or announced as lazy (a new
+        generation) and computed on the first "norms" request (`head_norms`)."""
+        tr, gen = self.trace, self.norms_meta.get("gen", 0) + 1
+        self._norms = (tr, None)
+        if whole_grid(tr):
+            meta, (buf,) = payload.head_norms(tr)
+            self._norms = (tr, (meta, [buf]))
+            self.norms_meta, self.norms = {**meta, "gen": gen, "lazy": False}, buf
+        else:
+            self.norms_meta = {"shape": [2, self.lens.n_layers, self.lens.n_heads], "has_reversed": tr.has_backward,
+                               "gen": gen, "lazy": True}
+            self.norms = b""
+
+    def head_norms(self) -> tuple[dict, list[bytes]]:
+        """||A||_F and ||RA||_F per head of the trace shown (`payload.head_norms`), computed once per run."""
+        tr, done = self._norms              # one read: a re-run in the worker thread replaces it whole
+        if tr is None:
+            raise LensvizError("no trace yet")
+        if done is None:
+            meta, (buf,) = payload.head_norms(tr)
+            done = ({**meta, "gen": self.norms_meta.get("gen", 0), "lazy": False}, [buf])
+            if self._norms[0] is tr:
+                self._norms = (tr, done)
+        return done
 
     def _send_grid(self):
         """A new grid generation for the trace and site shown: the whole grid (short prompts) or its first
@@ -306,13 +335,16 @@ class Explorer(StepThrough, pairs.Pairs, anywidget.AnyWidget):
         return hit
 
     def full_grid_state(self) -> dict:
-        """The grid traits (and diff) with the whole [L, T] grid, as a short prompt has them: for exports
-        (no kernel there to ask for windows). Computes what was not sent: the whole grid, and for a patched
-        long prompt the diff's changed cells (lv.compare, both runs' whole grids)."""
+        """The grid traits (and diff, head norms) with the whole [L, T] grid, as a short prompt has them: for
+        exports (no kernel there to ask for windows). Computes what was not sent: the whole grid, the head
+        norms, and for a patched long prompt the diff's changed cells (lv.compare, both runs' whole grids)."""
         gen, tr, base, site, _ = self._grid
         meta, (ids, probs, ranks) = payload.logit_lens_grid(tr, site)
         meta.update(gen=gen, lazy=False, window=len(tr))
         out = {"grid_meta": meta, "grid_ids": ids, "grid_probs": probs, "grid_ranks": ranks, "grid_changed": b""}
+        if self.norms_meta.get("lazy"):
+            norms_meta, (buf,) = self.head_norms()
+            out.update(norms_meta=norms_meta, norms=buf)
         if self._patch_objs and "changed" not in (self.diff or {}):
             out["diff"] = P.compare(self.base, tr)
         return out
@@ -414,6 +446,8 @@ class Explorer(StepThrough, pairs.Pairs, anywidget.AnyWidget):
             return payload.flow_graph(tr, pos(), None if layers is None else _int_list(layers, "layers")), []
         if what == "grid":
             return self.grid_window(req.get("window"))
+        if what == "norms":
+            return self.head_norms()
         if what == "search":
             return payload.value_search(lens, req.get("token")), []
         if what == "masks":

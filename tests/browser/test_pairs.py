@@ -274,3 +274,43 @@ def test_long_pair_heatmap_draws_only_the_columns_in_view(tmp_path, lab, page, a
     page.keyboard.press("Enter")
     expect(ex.locator('.lv-patch-chip[data-type="activation"]')).to_contain_text(f"post L{n_layers - 1} @{t - 1}")
     assert page.offsite == []
+
+
+NORM_CELLS = [
+    f"import sys\nsys.path.insert(0, {str(REPO)!r})\nimport torch, lensviz as lv\nfrom transformers import AutoModelForCausalLM\n"
+    "from tests import models\nfrom tests.conftest import PROMPT\n"
+    "cfg = models.config('llama'); cfg.max_position_embeddings = 512\ntorch.manual_seed(0)\n"
+    "lens = lv.Lens(AutoModelForCausalLM.from_config(cfg, dtype=torch.float64).eval(), models.tokenizer())",
+    "ex = lv.Explorer(lens, ' '.join([PROMPT] * 15), target=' Paris')\nex",
+]
+
+
+def test_long_prompt_head_norms_arrive_when_the_reversed_tab_opens(tmp_path, lab, page):
+    """Past 256 tokens the head norms are not in the state: the Reversed tab asks for them and its grid
+    shows Python's ||RA|| per head."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lensviz.lenses.reversed import head_norms
+
+    cfg = models.config("llama")
+    cfg.max_position_embeddings = 512
+    torch.manual_seed(0)
+    lens = lv.Lens(AutoModelForCausalLM.from_config(cfg, dtype=torch.float64).eval(), models.tokenizer())
+    tr = lens.trace(" ".join([PROMPT] * 15), target=" Paris")
+    assert len(tr) > 256
+    ra = head_norms(tr, "reversed")
+    write_notebook(tmp_path / "norms.ipynb", NORM_CELLS)
+    server = lab(tmp_path)
+    open_notebook(page, server, "norms.ipynb")
+    run_all(page)
+    ex = page.locator(".lv-explorer").first
+    expect(ex.locator(".lv-map-forward")).to_be_visible(timeout=60_000)
+    ex.locator('.lv-tab[data-tab="reversed"]').click()
+    grid = ex.locator('.lv-norm-grid[data-measure="ra"]')
+    expect(grid.locator(".lv-norm-cell")).to_have_count(lens.n_layers * lens.n_heads, timeout=60_000)
+    got = grid.locator(".lv-norm-cell").evaluate_all(
+        "els => els.map(e => [Number(e.dataset.layer), Number(e.dataset.head), Number(e.dataset.value)])")
+    assert all(v == pytest.approx(float(ra[la, h]), rel=1e-4) for la, h, v in got)
+    expect(ex.locator(".lv-norms-loading")).to_have_count(0)
+    assert page.offsite == []

@@ -184,3 +184,63 @@ def test_smollm2_windows_match_its_logit_lens(smol, monkeypatch):
     assert np.array_equal(probs, (full.probs[:, cols, 0].float().clamp(0, 1) * 255).round().to(torch.uint8).numpy())
     hid, hp, hr = by_hand(ex.trace, cols)
     assert (ids == hid).mean() >= 0.995 and np.abs(probs / 255 - hp).max() <= 0.5 / 255 + 1e-4
+
+
+def independent_norms(trace):
+    """[2, L, H]: ||A_h||_F from trace.attention and ||RA_h||_F from autograd of the plain eager maths
+    (tests/oracle.py), independent of lensviz's head_norms."""
+    from tests import oracle
+    lens = trace.lens
+    ids = trace.input_ids
+    ref = oracle.run(lens.model, ids, trace.target_id)
+    fwd = torch.stack([trace.attention(layer).flatten(1).norm(dim=1) for layer in range(lens.n_layers)])
+    ra = torch.stack([s.grad[0].flatten(1).norm(dim=1) for s in ref["S"]])
+    return torch.stack([fwd, ra]).float().numpy()
+
+
+def test_long_prompt_head_norms_come_on_request_once_per_run(ex, monkeypatch):
+    """Long prompts leave the head norms out of the state (norms_meta.lazy); the "norms" request answers
+    ||A|| and ||RA|| per head as an independent computation gives them, computes them once per run, and
+    a patch re-run announces a new generation whose norms are the patched run's."""
+    from lensviz.views import payload
+    L, H = ex.lens.n_layers, ex.lens.n_heads
+    assert ex.norms_meta["lazy"] is True and ex.norms == b"" and ex.norms_meta["shape"] == [2, L, H]
+    calls = []
+    real = payload.head_norms
+    monkeypatch.setattr(payload, "head_norms", lambda tr: calls.append(tr) or real(tr))
+    reply, bufs = ask(ex, what="norms")
+    got = np.frombuffer(bufs[0], "<f4").reshape(2, L, H)
+    np.testing.assert_allclose(got, independent_norms(ex.trace), rtol=1e-5, atol=1e-7)
+    assert reply["meta"]["gen"] == ex.norms_meta["gen"]
+    ask(ex, what="norms")
+    assert len(calls) == 1                                        # the second request is answered from the run's cache
+    gen = ex.norms_meta["gen"]
+    ex.run(patches=[{"type": "ablate", "layer": 1, "heads": [0, 2]}])
+    assert ex.norms_meta["gen"] == gen + 1 and ex.norms_meta["lazy"] and ex.norms == b""
+    _, bufs = ask(ex, what="norms")
+    patched = np.frombuffer(bufs[0], "<f4").reshape(2, L, H)
+    assert len(calls) == 2 and not np.allclose(patched, got)
+    np.testing.assert_allclose(patched[0], np.stack([ex.trace.attention(la).flatten(1).norm(dim=1).float().numpy()
+                                                     for la in range(L)]), rtol=1e-5)
+
+
+def test_short_prompt_head_norms_stay_in_the_state(tiny_tokenizer):
+    ex = E.Explorer(lv.Lens(models.build("llama"), tiny_tokenizer), PROMPT, target=" Paris")
+    L, H = ex.lens.n_layers, ex.lens.n_heads
+    assert ex.norms_meta["lazy"] is False
+    np.testing.assert_allclose(np.frombuffer(ex.norms, "<f4").reshape(2, L, H), independent_norms(ex.trace),
+                               rtol=1e-5, atol=1e-7)
+    _, bufs = ask(ex, what="norms")
+    assert bytes(bufs[0]) == ex.norms
+
+
+def test_export_of_a_long_prompt_carries_the_head_norms(ex, tmp_path):
+    path = lv.export_html(ex, tmp_path / "long.html")
+    blob = re.search(r'id="lv-data">([^<]*)</script>', path.read_text(encoding="utf-8")).group(1)
+    state = json.loads(gzip.decompress(base64.b64decode(blob)))["state"]
+    assert state["norms_meta"]["lazy"] is False
+    L, H = ex.lens.n_layers, ex.lens.n_heads
+    raw = state["norms"]
+    buf = base64.b64decode(raw["$b64"]) if isinstance(raw, dict) else bytes(raw)
+    np.testing.assert_allclose(np.frombuffer(buf, "<f4").reshape(2, L, H), independent_norms(ex.trace),
+                               rtol=1e-5, atol=1e-7)

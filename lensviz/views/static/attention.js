@@ -25,12 +25,32 @@ export function mount(ctx, box, kind) {
     } catch (e) { if (alive() && my === impToken) { normsOnly(); note.append(h("span", { text: " (" + String(e.message || e) + ")" })); } return; }
     drawNorms();
   }
+  // Head norms [2, L, H] (||A||, ||RA||) of the run shown: in the synced state, or for long prompts
+  // (norms_meta.lazy) asked of the kernel once per run ("norms") when a grid first shows them.
+  let normsGot = null, normsAsked = -1;
+  function normsNow() {
+    const meta = m.get("norms_meta"); if (!meta || !meta.shape) return null;
+    if (!meta.lazy) return f32(m.get("norms"));
+    if (normsGot && normsGot.gen === meta.gen) return normsGot.vals;
+    if (normsAsked !== meta.gen) fetchNorms(meta.gen);
+    return null;
+  }
+  async function fetchNorms(gen) {
+    normsAsked = gen;
+    try {
+      const { buffers } = await ctx.request("norms", {});
+      if (!alive() || (m.get("norms_meta") || {}).gen !== gen) return;
+      normsGot = { gen, vals: f32(buffers[0]) };
+      if (kind === "reversed") drawNorms(); else if (!imp) normsOnly();
+    } catch (e) { if (alive()) { normsAsked = -1; note.textContent = String(e.message || e); } }
+  }
   // Without a kernel (a saved page) the grid falls back to ||A|| per head, which the synced state holds.
   function normsOnly() {
     const meta = m.get("norms_meta"); if (!meta || !meta.shape) return;
-    const [, L, H] = meta.shape;
+    const [, L, H] = meta.shape, all = normsNow();
+    if (!all) return;                // a long prompt's norms: drawn when they arrive
     impToken++; measure = "norm"; if (measureSel) measureSel.value = "norm";
-    imp = { meta: { measure: "norm", signed: false, of: "shown" }, vals: f32(m.get("norms")).slice(0, L * H) };
+    imp = { meta: { measure: "norm", signed: false, of: "shown" }, vals: all.slice(0, L * H) };
     drawNorms();
   }
   ctx.on("lv:restore", () => { if (kind === "forward" && !imp) normsOnly(); });
@@ -72,7 +92,8 @@ export function mount(ctx, box, kind) {
     const meta = m.get("norms_meta"); if (!meta || !meta.shape) return;
     const [, L, H] = meta.shape, sel = m.get("selection") || {};
     if (kind === "forward" && !imp) { norms.replaceChildren(h("div", { class: "lv-note", text: "computing head importance…" })); return; }
-    const all = kind === "forward" ? imp.vals : f32(m.get("norms")), off = kind === "reversed" ? L * H : 0;
+    const all = kind === "forward" ? imp.vals : normsNow(), off = kind === "reversed" ? L * H : 0;
+    if (!all) { norms.replaceChildren(h("div", { class: "lv-note lv-norms-loading", text: "computing ‖RA‖ of every head…" })); return; }
     const signed = kind === "forward" && imp.meta.signed;
     const what = kind === "forward" ? (MEASURES.find(([v]) => v === imp.meta.measure) || [, "value"])[1] : "norm";
     let max = 0; for (let i = 0; i < L * H; i++) max = Math.max(max, Math.abs(all[off + i]));
@@ -177,7 +198,7 @@ export function mount(ctx, box, kind) {
   }
   const redraw = () => { drawNorms(); drawThumbs().then(drawBig); };
   ctx.on("change:selection", redraw); ctx.on("lv:theme", redraw);
-  ctx.on("change:norms", () => { if (kind === "forward") loadImportance(); redraw(); });
+  ctx.on("change:norms_meta", () => { if (kind === "forward") loadImportance(); redraw(); });   // a new run
   if (kind === "forward") loadImportance();
   redraw();
 }
