@@ -24,6 +24,7 @@ from . import payload
 
 STEPS = 8          # probability shades in the grid
 CLIP = 7           # characters of a token shown in a grid cell
+MAP_SIDE = 320     # the attention image: at most this many cells a side (longer prompts: block maxima)
 
 
 def _shades(low, high):
@@ -115,8 +116,24 @@ def png_rgb(pixels: np.ndarray) -> bytes:
             + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
 
 
+def pooled_map(values: np.ndarray, side: int = None) -> tuple[np.ndarray, int]:
+    """An [n, n] map as at most `side` (default MAP_SIDE) cells a side: (block maxima [m, m], block size b),
+    blocks of b x b entries, b = ceil(n / side); b = 1 leaves the map as it is. Maxima keep a sharp peak
+    visible in a long prompt's map."""
+    side = MAP_SIDE if side is None else side
+    n = values.shape[0]
+    b = max(1, -(-n // side))
+    if b == 1:
+        return values, 1
+    m = -(-n // b)
+    pad = np.zeros((m * b, m * b), dtype=values.dtype)
+    pad[:n, :n] = values
+    return pad.reshape(m, b, m, b).max(axis=(1, 3)), b
+
+
 def _map_png(values01: np.ndarray) -> bytes:
-    """T x T attention (0..1) in the widget's greens, the masked triangle grey."""
+    """A causal map (0..1, [m, m] cells, possibly pooled) in the widget's greens; cells wholly above the
+    diagonal (j > i, or blocks J > I) grey."""
     lo, hi = np.array(LIGHT[0], float), np.array(LIGHT[-1], float)
     t = np.clip(values01, 0, 1)[..., None]
     img = np.rint(lo + (hi - lo) * t).astype(np.uint8)
@@ -224,11 +241,13 @@ def snapshot_html(ex) -> str:
 
     amap, (abuf,) = payload.attention_map(tr, layer, head, "forward")
     n = amap["n"]
-    vals = np.frombuffer(abuf, dtype=np.uint8).reshape(n, n) / 255
+    vals, block = pooled_map(np.frombuffer(abuf, dtype=np.uint8).reshape(n, n) / 255)
+    m = vals.shape[0]
     png = base64.b64encode(_map_png(vals)).decode()
-    px = max(2, min(8, 320 // max(n, 1)))
+    px = max(1, min(8, MAP_SIDE // max(m, 1)))
+    pooled = f", each pixel the maximum of {block} x {block} entries" if block > 1 else ""
     fig = (f'<figure><img class="s-map" alt="attention map of layer {layer} head {head}, {n} by {n}" '
-           f'width="{n * px}" height="{n * px}" src="data:image/png;base64,{png}">'
-           f"<figcaption>Attention L{layer}H{head} (rows are queries)</figcaption></figure>")
+           f'width="{m * px}" height="{m * px}" src="data:image/png;base64,{png}">'
+           f"<figcaption>Attention L{layer}H{head} (rows are queries{pooled})</figcaption></figure>")
     parts.append(f'<div class="s-row">{grid}{fig}</div></div>')
     return "".join(parts)

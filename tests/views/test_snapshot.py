@@ -93,3 +93,32 @@ def test_snapshot_is_small_at_64_tokens_on_30_layers(tiny_tokenizer):
     size = len(bundle_html(ex).encode())
     print(f"snapshot: {len(ex.tokens)} tokens x 30 layers = {size / 1000:.1f} kB")
     assert size <= 200_000
+
+
+def test_long_prompt_map_is_pooled_to_block_maxima(tiny_tokenizer):
+    """Past MAP_SIDE tokens the attention image is MAP_SIDE cells a side at most, each the maximum of its
+    block of A (so a sharp peak stays visible), blocks wholly above the diagonal grey."""
+    cfg = models.config("llama")
+    cfg.max_position_embeddings = 512
+    torch.manual_seed(0)
+    lens = lv.Lens(AutoModelForCausalLM.from_config(cfg, dtype=torch.float64).eval(), tiny_tokenizer)
+    ex = lv.Explorer(lens, " ".join([PROMPT] * 18), target=" Paris")
+    n = len(ex.tokens)
+    assert n > snapshot.MAP_SIDE
+    html = bundle_html(ex)
+    import base64
+    png = base64.b64decode(re.search(r'src="data:image/png;base64,([^"]+)"', html).group(1))
+    w, h = struct.unpack(">II", png[16:24])
+    b = -(-n // snapshot.MAP_SIDE)
+    m = -(-n // b)
+    assert (w, h) == (m, m) and m <= snapshot.MAP_SIDE and b == 2
+    assert f"each pixel the maximum of {b} x {b} entries" in html
+    raw = zlib.decompress(png[png.index(b"IDAT") + 4:])
+    img = np.frombuffer(raw, np.uint8).reshape(h, 1 + 3 * w)[:, 1:].reshape(h, w, 3).astype(float)
+    a = ex.trace.attention(ex.selection["layer"])[ex.selection["head"]].numpy()
+    lo, hi = np.array(snapshot.LIGHT[0], float), np.array(snapshot.LIGHT[-1], float)
+    for i, j in [(m - 1, 0), (m - 1, m - 1), (m // 2, m // 3), (5, 5)]:
+        block = a[i * b:(i + 1) * b, j * b:(j + 1) * b].max()
+        q = np.round(block * 255) / 255                      # the map travels as uint8
+        assert np.abs(img[i, j] - (lo + (hi - lo) * q)).max() <= 1.0, (i, j)
+    assert (img[0, 1] == (217, 217, 217)).all() and (img[3, m - 1] == (217, 217, 217)).all()
