@@ -3,8 +3,8 @@ target or patch set changes. Small traitlets are the state; heavy arrays travel 
 in the initial state only for the logit-lens grid and head norms, the rest on request per view.
 
 The logit-lens grid: prompts of up to GRID_FULL_UPTO tokens get the whole [L, T] grid in the state.
-Longer ones get only the columns the grid first shows (the first GRID_FIRST positions, where the grid
-opens scrolled, and the window of the selected position) and the browser asks for the rest window by
+Longer ones get only the first GRID_FIRST positions and the window of the selected position (where the
+grid opens: the last position at first) and the browser asks for the rest window by
 window (GRID_WINDOW positions, one batched projection each: request "grid") as it scrolls there. Every
 re-run or site change starts a new grid generation ("gen"): cached windows of the old one are dropped.
 The head norms (||A||_F and ||RA||_F of every head, [2, L, H]) ride in the state the same way: whole up to
@@ -278,10 +278,14 @@ class Explorer(StepThrough, pairs.Pairs, anywidget.AnyWidget):
         """The head norms of the trace shown: in the state (short prompts), or announced as lazy (a new
         generation) and computed on the first "norms" request (`head_norms`)."""
         tr, gen = self.trace, self.norms_meta.get("gen", 0) + 1
+        if self._norms[0] is tr:
+            return                          # the same run shown again: its norms stand
         self._norms = (tr, None)
         if whole_grid(tr):
             meta, (buf,) = payload.head_norms(tr)
-            self._norms = (tr, (meta, [buf]))
+            if not self.norms_meta.get("lazy", True) and buf == self.norms and meta["has_reversed"] == self.norms_meta.get("has_reversed"):
+                gen -= 1                    # the same numbers (a re-run): no new generation, the views keep theirs
+            self._norms = (tr, ({**meta, "gen": gen, "lazy": False}, [buf]))
             self.norms_meta, self.norms = {**meta, "gen": gen, "lazy": False}, buf
         else:
             self.norms_meta = {"shape": [2, self.lens.n_layers, self.lens.n_heads], "has_reversed": tr.has_backward,

@@ -353,6 +353,8 @@ def test_long_prompt_renders_fast_and_past_the_limit_is_a_clear_error(tmp_path, 
           f"{rec['cells']} grid cells drawn of {3 * T_LONG}")
     assert first_s <= 2.0
     assert rec["cells"] < 3 * 100          # only the columns in view are drawn
+    # it opens at the selected column (the last position): that cell is drawn and is the grid's tab stop
+    expect(big.locator('.lv-grid td[tabindex="0"]')).to_have_attribute("data-pos", str(T_LONG - 1))
     r = page.evaluate(RESPONSIVE_JS)
     print(f"T={T_LONG} responsiveness: scroll -> redrawn columns {r['scroll_ms']:.0f} ms ({r['columns']}, "
           f"{r['cells']} cells), click -> selected {r['click_ms']:.0f} ms, arrow key -> moved {r['key_ms']:.0f} ms")

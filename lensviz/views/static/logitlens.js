@@ -22,6 +22,7 @@ export function mount(ctx, box) {
   box.append(h("div", { class: "lv-title" }, h("b", { text: "Logit lens " }), siteSel, " ", modeSel),
     h("div", { class: "lv-grid-wrap" }, table), tip);
 
+  let lastPos = null;                 // the selected column last scrolled into view
   // Long prompts: only the columns in view are drawn (vgrid.js), the rest stand as spacer cells.
   const { visibleColumns, spacer, onScroll, scrollToColumn, COL_PX, WINDOW_FROM } = ctx.vgrid;
   const wrap = box.querySelector(".lv-grid-wrap");
@@ -141,7 +142,6 @@ export function mount(ctx, box) {
     if (refocus) { const f = table.querySelector('td[tabindex="0"]'); if (f) f.focus(); }
   }
   ctx.onDispose(() => clearTimeout(fetchTimer));
-  let lastPos = null;
   const follow = () => {      // keep the selected column in view on a windowed grid
     const sel = m.get("selection") || {}, T = (m.get("tokens") || []).length;
     if (sel.position !== lastPos) { lastPos = sel.position; scrollToColumn(wrap, T, sel.position); }
@@ -182,4 +182,14 @@ export function mount(ctx, box) {
   ctx.on("lv:theme", draw);
   ctx.on("lv:restore", () => { tip.style.display = "none"; });
   draw();
+  // A windowed grid opens at the selected column (the last position, where the target is predicted),
+  // once the grid has a width, so the selected cell is drawn and is the grid's tab stop.
+  const opener = new ResizeObserver(() => {
+    if (!wrap.clientWidth) return;
+    opener.disconnect();
+    const sel = m.get("selection") || {}, T = (m.get("tokens") || []).length;
+    if (T >= WINDOW_FROM && sel.position !== undefined) { lastPos = sel.position; scrollToColumn(wrap, T, sel.position); draw(); }
+  });
+  opener.observe(wrap);
+  ctx.onDispose(() => opener.disconnect());
 }
